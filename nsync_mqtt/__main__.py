@@ -1,0 +1,3 @@
+from nsync_mqtt.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""Topics, the internal message envelope and the binary chunk frame.
+
+Internal messages are JSON objects ``{"v": 1, "t": TYPE, "src": NODE_ID, "term": INT, ...}``
+published under ``nsync/<cluster>/internal/``. Song chunks travel as a binary frame:
+``b"NSC1" + u32 header length (big endian) + JSON header + raw bytes``. docs/protocol.md
+describes every message. A field ``sig`` is reserved for message signing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from nsync_mqtt.errors import ProtocolError
+
+ENVELOPE_VERSION = 1
+ID_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
+HASH_RE = re.compile(r"^[0-9a-f]{56}$")
+CHUNK_MAGIC = b"NSC1"
+_U32 = struct.Struct(">I")
+
+
+def check_id(value: object, what: str = "id") -> str:
+    if not isinstance(value, str) or not ID_RE.match(value):
+        raise ProtocolError(f"{what} must match [a-z0-9_-]+ (1-64 chars), got {value!r}")
+    return value
+
+
+def check_hash(value: object, what: str = "song hash") -> str:
+    if not isinstance(value, str) or not HASH_RE.match(value):
+        raise ProtocolError(f"{what} must be 56 lowercase hex digits (sha224), got {value!r}")
+    return value
+
+
+class Topics:
+    """Every topic NSync uses, built from the cluster name."""
+
+    def __init__(self, cluster: str) -> None:
+        self.cluster = check_id(cluster, "cluster name")
+        self.base = f"nsync/{cluster}"
+        self.cmd_all = f"{self.base}/cmd/+"
+        self.upload = f"{self.base}/upload"
+        self.state = f"{self.base}/state"
+        self.status = f"{self.base}/status"
+        self.library = f"{self.base}/library"
+
+    def cmd(self, verb: str) -> str:
+        return f"{self.base}/cmd/{verb}"
+
+    def reply(self, reply_to: str) -> str:
+        return f"{self.base}/reply/{reply_to}"
+
+    def state_field(self, name: str) -> str:
+        return f"{self.base}/state/{name}"
+
+    def node_status(self, node_id: str) -> str:
+        return f"{self.base}/node/{node_id}/status"
+
+    def node_state(self, node_id: str) -> str:
+        return f"{self.base}/node/{node_id}/state"
+
+    def internal(self, name: str) -> str:
+        return f"{self.base}/internal/{name}"
+
+    def verb_of(self, topic: str) -> str | None:
+        prefix = f"{self.base}/cmd/"
+        return topic[len(prefix):] if topic.startswith(prefix) else None
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decoded internal message."""
+
+    type: str
+    src: str
+    term: int
+    body: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.body.get(key, default)
+
+
+def encode(type_: str, src: str, term: int, **body: Any) -> bytes:
+    obj = {"v": ENVELOPE_VERSION, "t": type_, "src": src, "term": term}
+    obj.update(body)
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def decode(payload: bytes) -> Message:
+    try:
+        obj = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ProtocolError(f"not JSON: {err}") from err
+    if not isinstance(obj, dict):
+        raise ProtocolError("envelope must be a JSON object")
+    if obj.get("v") != ENVELOPE_VERSION:
+        raise ProtocolError(f"unsupported envelope version {obj.get('v')!r}")
+    type_ = obj.pop("t", None)
+    if not isinstance(type_, str):
+        raise ProtocolError("envelope field 't' must be a string")
+    src = check_id(obj.pop("src", None), "envelope field 'src'")
+    term = obj.pop("term", None)
+    if not isinstance(term, int) or isinstance(term, bool) or term < 0:
+        raise ProtocolError("envelope field 'term' must be a non-negative integer")
+    obj.pop("v")
+    return Message(type_, src, term, obj)
+
+
+def encode_chunk(header: dict[str, Any], data: bytes) -> bytes:
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join((CHUNK_MAGIC, _U32.pack(len(head)), head, data))
+
+
+def decode_chunk(payload: bytes) -> tuple[dict[str, Any], memoryview]:
+    if len(payload) < 8 or payload[:4] != CHUNK_MAGIC:
+        raise ProtocolError("not a chunk frame")
+    (n,) = _U32.unpack_from(payload, 4)
+    if 8 + n > len(payload):
+        raise ProtocolError("chunk header length exceeds frame")
+    try:
+        header = json.loads(payload[8 : 8 + n])
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ProtocolError(f"chunk header is not JSON: {err}") from err
+    if not isinstance(header, dict):
+        raise ProtocolError("chunk header must be a JSON object")
+    return header, memoryview(payload)[8 + n :]
