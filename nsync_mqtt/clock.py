@@ -45,7 +45,7 @@ class SimClock:
         return (t - self.offset_s) / self._scale
 
 
-def HostClock() -> SimClock:  # noqa: N802 - a constructor by another name
+def HostClock() -> SimClock:
     return SimClock(0.0, 0.0)
 
 

@@ -67,7 +67,7 @@ class Topics:
 
     def verb_of(self, topic: str) -> str | None:
         prefix = f"{self.base}/cmd/"
-        return topic[len(prefix):] if topic.startswith(prefix) else None
+        return topic[len(prefix) :] if topic.startswith(prefix) else None
 
 
 @dataclass(frozen=True)

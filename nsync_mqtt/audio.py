@@ -1,0 +1,601 @@
+"""Decoding songs to a PCM cache on disk, and the sinks that play them.
+
+Every song is decoded once, ahead of time, to raw 16-bit little-endian stereo at 44.1 kHz
+(``<cache>/<song>.pcm``), because decoding a whole MP3 takes about a second (much more on a Pi).
+
+Sinks take *host* monotonic times: the node converts its own clock with ``Clock.to_host`` before
+calling them, because audio hardware (and the virtual DAC) is paced by the host.
+
+- ``VirtualSink`` plays into a JSON-lines log, one line per block of at most 50 ms, stamped with
+  the host time at which the block's first frame reaches its virtual DAC. It is the ground truth
+  for measuring sync between nodes (see ``nsync_mqtt.sinklog``).
+- ``NullSink`` keeps time the same way and outputs nothing.
+- ``SimpleaudioSink`` plays on the default ALSA device through simpleaudio.
+
+A sink commits audio to its DAC a few milliseconds ahead. What is committed is played: a stop or
+a new play whose host time falls inside an already committed block takes effect at the end of
+that block (at most 50 ms later), and a late start begins at the frame its host time dictates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+import wave
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nsync_mqtt.errors import ConfigError, NSyncError
+
+log = logging.getLogger(__name__)
+
+RATE = 44100
+CHANNELS = 2
+SAMPLE_WIDTH = 2
+FRAME_BYTES = CHANNELS * SAMPLE_WIDTH
+
+BLOCK_S = 0.05
+"""Longest block a sink commits (and the virtual sink logs) at once."""
+COMMIT_AHEAD_NS = 5_000_000
+"""The virtual sink commits (logs) a block this long before its first frame reaches the DAC."""
+LATE_START_MARGIN_NS = 2_000_000
+"""A play whose time has passed starts this far in the future, so its first block is committed
+before it starts."""
+SIMPLEAUDIO_LATENCY_S = 0.1
+"""simpleaudio opens ALSA "default" on every play; sound reaches the DAC about this much later."""
+
+FinishedCallback = Callable[[str], None]
+
+
+class DecodeError(NSyncError):
+    """A song file could not be decoded to PCM."""
+
+
+class AudioDeviceError(NSyncError):
+    """The audio output (library or device) is not available."""
+
+
+# --------------------------------------------------------------------------- probing / decoding
+
+
+def probe(path: Path | str) -> dict[str, Any]:
+    """Title, artist and duration of a song file; never raises.
+
+    Tags come from ffprobe; without them the title is the file name's stem and the artist None.
+    """
+    p = Path(path)
+    title: str | None = None
+    artist: str | None = None
+    duration: float | None = None
+    try:
+        from pydub.utils import mediainfo
+
+        info = mediainfo(str(p))
+        tags = {str(k).lower(): v for k, v in (info.get("TAG") or {}).items()}
+        title = tags.get("title") or None
+        artist = tags.get("artist") or None
+        if info.get("duration") not in (None, "", "N/A"):
+            duration = float(info["duration"])
+    except Exception as err:  # ffprobe missing or unreadable file: fall back below
+        log.debug("probe %s: %s", p, err)
+    if duration is None:
+        with contextlib.suppress(Exception), wave.open(str(p), "rb") as w:
+            duration = w.getnframes() / w.getframerate()
+    return {"title": title or p.stem, "artist": artist, "duration_s": duration}
+
+
+class PcmTrack:
+    """A decoded song on disk: raw s16le stereo at ``RATE``."""
+
+    def __init__(self, song: str, path: Path) -> None:
+        self.song = song
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self.frames = os.fstat(self._fd).st_size // FRAME_BYTES
+        self.duration_s = self.frames / RATE
+
+    def read(self, frame: int, nframes: int) -> bytes:
+        """Frames ``[frame, frame + nframes)``; shorter at the end of the song, empty past it."""
+        frame = max(0, frame)
+        n = min(nframes, self.frames - frame)
+        if n <= 0:
+            return b""
+        return os.pread(self._fd, n * FRAME_BYTES, frame * FRAME_BYTES)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"PcmTrack({self.song[:12]}, {self.frames} frames)"
+
+
+def _is_wav(path: Path) -> bool:
+    with contextlib.suppress(OSError), path.open("rb") as f:
+        head = f.read(12)
+        return head[:4] == b"RIFF" and head[8:12] == b"WAVE"
+    return False
+
+
+class PcmCache:
+    """Decoded songs under ``root``, one ``<song>.pcm`` file each."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._tracks: dict[str, PcmTrack] = {}
+
+    def _path(self, song: str) -> Path:
+        return self.root / f"{song}.pcm"
+
+    def get(self, song: str) -> PcmTrack | None:
+        with self._lock:
+            track = self._tracks.get(song)
+            if track is None and self._path(song).exists():
+                track = self._tracks[song] = PcmTrack(song, self._path(song))
+            return track
+
+    def decode(self, song: str, src_path: Path | str) -> PcmTrack:
+        """Decode ``src_path`` (blocking: seconds for a long MP3); returns a cached song as is."""
+        cached = self.get(song)
+        if cached is not None:
+            return cached
+        src = Path(src_path)
+        try:
+            from pydub import AudioSegment
+
+            fmt = "wav" if _is_wav(src) else None
+            seg = AudioSegment.from_file(str(src), format=fmt)
+            seg = seg.set_frame_rate(RATE).set_channels(CHANNELS).set_sample_width(SAMPLE_WIDTH)
+            data = seg.raw_data
+        except Exception as err:
+            raise DecodeError(f"cannot decode {src.name}: {err}".strip()) from err
+        if not data:
+            raise DecodeError(f"cannot decode {src.name}: no audio in it")
+        final = self._path(song)
+        tmp = final.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        track = self.get(song)
+        assert track is not None
+        return track
+
+    def remove(self, song: str) -> None:
+        """Forget ``song``; a sink still holding its track reads on until it lets go."""
+        with self._lock:
+            self._tracks.pop(song, None)
+            self._path(song).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- sinks
+
+
+class Sink(ABC):
+    """Plays songs at host monotonic times."""
+
+    rate: int = RATE
+    on_finished: FinishedCallback | None = None
+    """Called from the sink's own thread once a song's last frame has been played."""
+
+    @abstractmethod
+    def play(self, song: str, track: PcmTrack | None, frame: int, at_host: float) -> None:
+        """Play ``song`` from ``frame`` when host ``time.monotonic()`` reaches ``at_host``.
+
+        A time in the past starts at the frame that time dictates, ``frame + (now-at_host)·rate``.
+        Replaces whatever plays or is scheduled (the current song plays on until then). Without a
+        track (not decoded yet) the sink plays silence until ``attach``, then the song from the
+        frame time dictates.
+        """
+
+    @abstractmethod
+    def attach(self, song: str, track: PcmTrack) -> None:
+        """The decode of ``song`` finished; ignored unless ``song`` is playing or scheduled."""
+
+    @abstractmethod
+    def stop(self, at_host: float | None = None) -> None:
+        """Stop at host time ``at_host`` (None: now); nothing after it is played."""
+
+    @abstractmethod
+    def set_volume(self, volume: int) -> None:
+        """Volume 0..100."""
+
+    @abstractmethod
+    def position(self) -> tuple[str | None, int | None]:
+        """The song and frame playing now; (None, None) when idle."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop the sink's thread and close its files."""
+
+
+def _ns(t: float) -> int:
+    return round(t * 1e9)
+
+
+@dataclass
+class _Session:
+    """One play: frame ``start_frame + i`` reaches the DAC at ``start_ns + i / eff_rate``."""
+
+    song: str
+    track: PcmTrack | None
+    start_frame: int
+    start_ns: int
+    eff_rate: float
+    consumed: int = 0
+    stop_ns: int | None = None
+
+    def time_of(self, i: int) -> int:
+        return self.start_ns + round(i * 1e9 / self.eff_rate)
+
+    def frames_before(self, t_ns: int) -> int:
+        """Frames of this session that reach the DAC strictly before ``t_ns``."""
+        i = max(0, int((t_ns - self.start_ns) * self.eff_rate / 1e9))
+        while self.time_of(i) < t_ns:
+            i += 1
+        while i > 0 and self.time_of(i - 1) >= t_ns:
+            i -= 1
+        return i
+
+
+@dataclass(frozen=True)
+class _Committed:
+    song: str
+    frame: int
+    frames: int
+    t_ns: int
+    end_ns: int
+    eff_rate: float
+
+
+class VirtualSink(Sink):
+    """A virtual DAC paced by the host clock, logging what it plays (``log_path`` may be None)."""
+
+    def __init__(
+        self, log_path: Path | str | None, dac_drift_ppm: float = 0.0, rate: int = RATE
+    ) -> None:
+        self.rate = rate
+        self.on_finished = None
+        self.volume = 100
+        self._eff_rate = rate * (1.0 + dac_drift_ppm * 1e-6)
+        self._block_frames = max(1, int(rate * BLOCK_S))
+        self._log = open(log_path, "a", buffering=1) if log_path is not None else None  # noqa: SIM115
+        self._cond = threading.Condition()
+        self._session: _Session | None = None
+        self._next: _Session | None = None
+        self._finishes: list[tuple[int, str]] = []
+        self._recent: list[_Committed] = []
+        self._committed_ns = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="nsync-virtual-sink", daemon=True)
+        self._thread.start()
+
+    # -- caller side
+
+    def play(self, song: str, track: PcmTrack | None, frame: int, at_host: float) -> None:
+        at_ns = _ns(at_host)
+        with self._cond:
+            earliest = max(time.monotonic_ns() + LATE_START_MARGIN_NS, self._committed_ns)
+            start_frame, start_ns = frame, at_ns
+            if at_ns < earliest:
+                skip = -(-(earliest - at_ns) * self.rate // 1_000_000_000)
+                start_frame = frame + skip
+                start_ns = at_ns + -(-skip * 1_000_000_000 // self.rate)
+            new = _Session(song, track, start_frame, start_ns, self._eff_rate)
+            cur = self._session
+            if cur is not None and cur.consumed > 0 and cur.time_of(cur.consumed) < start_ns:
+                cur.stop_ns = start_ns if cur.stop_ns is None else min(cur.stop_ns, start_ns)
+                self._next = new
+            else:
+                self._session, self._next = new, None
+            self._cond.notify_all()
+
+    def attach(self, song: str, track: PcmTrack) -> None:
+        with self._cond:
+            for s in (self._session, self._next):
+                if s is not None and s.song == song and s.track is None:
+                    s.track = track
+            self._cond.notify_all()
+
+    def stop(self, at_host: float | None = None) -> None:
+        with self._cond:
+            stop_ns = time.monotonic_ns() if at_host is None else _ns(at_host)
+            for s in (self._session, self._next):
+                if s is not None:
+                    s.stop_ns = stop_ns if s.stop_ns is None else min(s.stop_ns, stop_ns)
+            if self._next is not None and self._next.start_ns >= stop_ns:
+                self._next = None
+            self._cond.notify_all()
+
+    def set_volume(self, volume: int) -> None:
+        self.volume = max(0, min(100, int(volume)))
+
+    def position(self) -> tuple[str | None, int | None]:
+        now = time.monotonic_ns()
+        with self._cond:
+            for c in reversed(self._recent):
+                if c.t_ns <= now < c.end_ns:
+                    offset = int((now - c.t_ns) * c.eff_rate / 1e9)
+                    return c.song, c.frame + min(offset, c.frames - 1)
+        return None, None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=2.0)
+        if self._log is not None:
+            self._log.close()
+
+    # -- sink thread
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                due = self._step()
+                if due is None:
+                    return
+            for song in due:
+                self._notify_finished(song)
+
+    def _step(self) -> list[str] | None:
+        """Commit blocks that are due; wait for the next event. None when closed."""
+        while not self._closed:
+            now = time.monotonic_ns()
+            due = [song for t, song in self._finishes if t <= now]
+            if due:
+                self._finishes = [(t, s) for t, s in self._finishes if t > now]
+                return due
+            wake = min((t for t, _ in self._finishes), default=None)
+            s = self._session
+            if s is None and self._next is not None:
+                self._session, self._next = self._next, None
+                continue
+            if s is not None:
+                t = s.time_of(s.consumed)
+                if t - COMMIT_AHEAD_NS <= now:
+                    self._commit_block(s)
+                    continue
+                wake = t - COMMIT_AHEAD_NS if wake is None else min(wake, t - COMMIT_AHEAD_NS)
+            timeout = None if wake is None else max(0.0, (wake - now) / 1e9)
+            self._cond.wait(timeout)
+        return None
+
+    def _commit_block(self, s: _Session) -> None:
+        frame = s.start_frame + s.consumed
+        t_ns = s.time_of(s.consumed)
+        n = self._block_frames
+        if s.track is not None:
+            n = min(n, s.track.frames - frame)
+            if n <= 0:
+                self._end_session(finished_at=t_ns)
+                return
+        if s.stop_ns is not None:
+            n = min(n, s.frames_before(s.stop_ns) - s.consumed)
+            if n <= 0:
+                self._end_session(finished_at=None)
+                return
+        s.consumed += n
+        end_ns = s.time_of(s.consumed)
+        self._committed_ns = end_ns
+        self._recent = [*self._recent[-3:], _Committed(s.song, frame, n, t_ns, end_ns, s.eff_rate)]
+        if self._log is not None:
+            song = s.song if s.track is not None else None
+            line = {"t_ns": t_ns, "song": song, "frame": frame, "frames": n, "rate": self.rate}
+            self._log.write(json.dumps(line, separators=(",", ":")) + "\n")
+        if s.track is not None and frame + n >= s.track.frames:
+            self._end_session(finished_at=end_ns)
+
+    def _end_session(self, finished_at: int | None) -> None:
+        s = self._session
+        if s is not None and finished_at is not None:
+            self._finishes.append((finished_at, s.song))
+        self._session, self._next = self._next, None
+
+    def _notify_finished(self, song: str) -> None:
+        cb = self.on_finished
+        if cb is None:
+            return
+        try:
+            cb(song)
+        except Exception:
+            log.exception("on_finished(%s) failed", song)
+
+
+class NullSink(VirtualSink):
+    """Keeps time like the virtual sink (position, on_finished) and outputs nothing."""
+
+    def __init__(self, dac_drift_ppm: float = 0.0, rate: int = RATE) -> None:
+        super().__init__(None, dac_drift_ppm, rate)
+
+
+# --------------------------------------------------------------------------- simpleaudio
+
+
+def _scale(pcm: bytes, volume: int) -> bytes:
+    if volume >= 100:
+        return pcm
+    import audioop  # Python >= 3.13: provided by the audioop-lts package
+
+    return audioop.mul(pcm, SAMPLE_WIDTH, volume / 100.0)
+
+
+@dataclass
+class _Request:
+    song: str
+    track: PcmTrack | None
+    frame: int
+    at_host: float
+    stop_at: float | None = None
+
+
+@dataclass
+class _Active:
+    req: _Request
+    play_obj: Any
+    frame: int
+    start_host: float
+    end_host: float
+    volume: int
+
+
+class SimpleaudioSink(Sink):
+    """Real audio through simpleaudio on ALSA "default".
+
+    simpleaudio has no timing feedback: each play is started ``SIMPLEAUDIO_LATENCY_S`` before its
+    host time. A volume change restarts the song at the frame time dictates.
+    """
+
+    POLL_S = 0.02
+
+    def __init__(self, rate: int = RATE) -> None:
+        try:
+            import simpleaudio
+        except Exception as err:
+            raise AudioDeviceError(f"simpleaudio is not available: {err}") from err
+        try:
+            simpleaudio.play_buffer(bytes(FRAME_BYTES * 64), CHANNELS, SAMPLE_WIDTH, rate).stop()
+        except Exception as err:
+            raise AudioDeviceError(f"no audio output device: {err}") from err
+        self._sa = simpleaudio
+        self.rate = rate
+        self.on_finished = None
+        self._volume = 100
+        self._cond = threading.Condition()
+        self._req: _Request | None = None
+        self._active: _Active | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="nsync-simpleaudio", daemon=True)
+        self._thread.start()
+
+    def play(self, song: str, track: PcmTrack | None, frame: int, at_host: float) -> None:
+        with self._cond:
+            self._req = _Request(song, track, frame, at_host)
+            self._cond.notify_all()
+
+    def attach(self, song: str, track: PcmTrack) -> None:
+        with self._cond:
+            if self._req is not None and self._req.song == song and self._req.track is None:
+                self._req.track = track
+                self._cond.notify_all()
+
+    def stop(self, at_host: float | None = None) -> None:
+        with self._cond:
+            at = time.monotonic() if at_host is None else at_host
+            reqs = [self._req, self._active.req if self._active else None]
+            for r in reqs:
+                if r is not None:
+                    r.stop_at = at if r.stop_at is None else min(r.stop_at, at)
+            self._cond.notify_all()
+
+    def set_volume(self, volume: int) -> None:
+        with self._cond:
+            self._volume = max(0, min(100, int(volume)))
+            self._cond.notify_all()
+
+    def position(self) -> tuple[str | None, int | None]:
+        with self._cond:
+            a = self._active
+            if a is None:
+                return None, None
+            return a.req.song, a.frame + max(0, int((time.monotonic() - a.start_host) * self.rate))
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=2.0)
+        if self._active is not None:
+            self._active.play_obj.stop()
+            self._active = None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                finished = self._step(time.monotonic())
+                if finished is None:
+                    continue
+            if finished and self.on_finished is not None:
+                try:
+                    self.on_finished(finished)
+                except Exception:
+                    log.exception("on_finished(%s) failed", finished)
+
+    def _halt(self) -> None:
+        if self._active is not None:
+            self._active.play_obj.stop()
+            self._active = None
+
+    def _step(self, now: float) -> str | None:
+        """One turn of the worker (lock held): returns a finished song, "" after waiting, or
+        None to go round again at once."""
+        req, a = self._req, self._active
+        if req is not None and req.stop_at is not None and now >= req.stop_at:
+            self._req = None
+            return None
+        if a is not None:
+            if a.req.stop_at is not None and now >= a.req.stop_at:
+                self._halt()
+                return None
+            if now >= a.end_host and not a.play_obj.is_playing():
+                self._active = None
+                if self._req is a.req:
+                    self._req = None
+                return a.req.song
+            replaced = req is not a.req and (
+                req is None or now >= req.at_host - SIMPLEAUDIO_LATENCY_S
+            )
+            if replaced or (req is a.req and a.volume != self._volume):
+                self._halt()
+                return None
+        elif req is not None and req.track is not None:
+            start = max(req.at_host, now + SIMPLEAUDIO_LATENCY_S)
+            if now >= start - SIMPLEAUDIO_LATENCY_S:
+                frame = req.frame + max(0, round((start - req.at_host) * self.rate))
+                pcm = _scale(req.track.read(frame, req.track.frames), self._volume)
+                if not pcm:
+                    self._req = None
+                    return req.song
+                obj = self._sa.play_buffer(pcm, CHANNELS, SAMPLE_WIDTH, self.rate)
+                end = start + len(pcm) / FRAME_BYTES / self.rate
+                self._active = _Active(req, obj, frame, start, end, self._volume)
+                return None
+        wakes = [now + self.POLL_S] if a is not None and now >= a.end_host else []
+        if a is not None:
+            wakes += [a.end_host] + ([a.req.stop_at] if a.req.stop_at is not None else [])
+        if req is not None:
+            wakes.append(req.at_host - SIMPLEAUDIO_LATENCY_S)
+            if req.stop_at is not None:
+                wakes.append(req.stop_at)
+        future = [w for w in wakes if w > now]
+        self._cond.wait(min(future) - now if future else None)
+        return ""
+
+
+def make_sink(kind: str, log_path: Path | str | None, dac_drift_ppm: float) -> Sink:
+    """The sink named by the ``sink`` setting: virtual, none or simpleaudio."""
+    if kind == "virtual":
+        return VirtualSink(log_path, dac_drift_ppm)
+    if kind == "none":
+        return NullSink(dac_drift_ppm)
+    if kind == "simpleaudio":
+        return SimpleaudioSink()
+    raise ConfigError(f"sink: unknown sink {kind!r} (expected virtual, none or simpleaudio)")

@@ -1,0 +1,160 @@
+"""The embedded MQTT broker (amqtt), for households without a broker of their own.
+
+Password file format (``--config`` key ``password_file``): one user per line, ``user:hash``,
+where ``hash`` is an argon2 string as made by :func:`hash_password` (``$argon2id$v=19$m=...``).
+Blank lines and lines starting with ``#`` are ignored. Without a password file every client may
+connect; with one, clients must log in with a listed user and its password.
+
+Broker settings and why:
+- only our own plugins are loaded (amqtt replaces its defaults when ``plugins`` is given): no
+  ``$SYS`` publishing, no packet logging;
+- without a password file an "allow everyone" plugin is used instead of amqtt's anonymous
+  plugin, because amqtt drops the session of any client it marks anonymous as soon as it
+  disconnects, which would break persistent sessions (``clean_session=False``);
+- the broker restarts empty: retained messages and sessions do not survive it, so publishers
+  republish their retained state when they reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from amqtt.broker import Broker
+from amqtt.errors import AMQTTError
+from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.session import Session
+from pwdlib.hashers.argon2 import Argon2Hasher
+
+from nsync_mqtt.errors import BrokerError
+
+# argon2 cost for password hashes: the broker verifies the hash synchronously on every CONNECT,
+# and argon2's default cost (64 MiB, 3 passes) stalls the whole broker ~150 ms per connection.
+# 2 MiB and one pass cost about a millisecond on a PC and a few on a Raspberry Pi.
+HASH_TIME_COST = 1
+HASH_MEMORY_COST_KIB = 2048
+
+_QUIET_LOGGERS = ("amqtt", "transitions")
+
+
+class AllowAllAuthPlugin(BaseAuthPlugin):
+    """Lets every client connect without marking its session anonymous."""
+
+    async def authenticate(self, *, session: Session) -> bool:
+        return True
+
+
+def hash_password(password: str) -> str:
+    """Return the argon2 hash of ``password`` for a ``user:hash`` line of the password file."""
+    hasher = Argon2Hasher(time_cost=HASH_TIME_COST, memory_cost=HASH_MEMORY_COST_KIB, parallelism=1)
+    return hasher.hash(password)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Raise BrokerError naming the address if something already listens on it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise BrokerError(
+                    f"cannot listen on {host}:{port}: the port is already in use "
+                    "(is another broker running?)"
+                ) from err
+            raise BrokerError(f"cannot listen on {host}:{port}: {err.strerror}") from err
+
+
+class EmbeddedBroker:
+    """An amqtt broker listening on one TCP address, run inside the caller's event loop."""
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 1883, password_file: Path | None = None
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.password_file = password_file
+        self._broker: Broker | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"mqtt://{host}:{self.port}"
+
+    def _config(self) -> dict[str, Any]:
+        auth: dict[str, Any]
+        if self.password_file is None:
+            auth = {f"{__name__}.AllowAllAuthPlugin": {}}
+        else:
+            auth = {
+                "amqtt.plugins.authentication.FileAuthPlugin": {
+                    "password_file": str(self.password_file)
+                }
+            }
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return {
+            "listeners": {"default": {"type": "tcp", "bind": f"{host}:{self.port}"}},
+            "plugins": auth,
+        }
+
+    async def start(self) -> None:
+        """Start listening. Must run inside the event loop that will serve the broker."""
+        if self._broker is not None:
+            raise BrokerError("the embedded broker is already running")
+        for name in _QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        if self.password_file is not None and not self.password_file.is_file():
+            raise BrokerError(f"password file {self.password_file} not found")
+        _check_port_free(self.host, self.port)
+
+        try:
+            broker = Broker(self._config())
+        except Exception as err:  # plugin or config failures surface as assorted types
+            cause = err.__cause__ or err
+            raise BrokerError(f"cannot configure the embedded broker: {cause}") from err
+        try:
+            await broker.start()
+        except AMQTTError as err:
+            raise BrokerError(f"cannot start the embedded broker on {self.url}: {err}") from err
+        self._broker = broker
+
+    async def stop(self) -> None:
+        """Disconnect every client and stop listening."""
+        broker, self._broker = self._broker, None
+        if broker is not None:
+            await broker.shutdown()
+
+
+async def _serve(host: str, port: int, password_file: Path | None) -> None:
+    broker = EmbeddedBroker(host, port, password_file)
+    await broker.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"nsync broker: listening on {broker.url}", file=sys.stderr, flush=True)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        await broker.stop()
+
+
+def run_broker(host: str, port: int, password_file: Path | None) -> int:
+    """Run the embedded broker until SIGINT or SIGTERM; return the process exit code."""
+    try:
+        asyncio.run(_serve(host, port, password_file))
+    except BrokerError as err:
+        print(f"nsync broker: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,189 @@
+"""Node settings: YAML file + command-line flags -> validated :class:`NodeConfig`.
+
+The YAML keys mirror the flag names (``--clock-offset`` is ``clock_offset``); flags override the
+file. Every error is one line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nsync_mqtt.errors import ConfigError
+from nsync_mqtt.messages import ID_RE
+from nsync_mqtt.timing import Timing
+
+SINKS = ("simpleaudio", "virtual", "none")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    id: str
+    peers: tuple[str, ...]
+    cluster: str = "home"
+    broker: tuple[str, ...] = ("mqtt://127.0.0.1:1883",)
+    embed_broker: str | None = None
+    data_dir: Path = Path("nsync-data")
+    sink: str = "simpleaudio"
+    sink_log: Path | None = None
+    clock_offset: float = 0.0
+    clock_drift_ppm: float = 0.0
+    dac_drift_ppm: float = 0.0
+    chunk_size_kib: int = 256
+    store_cap_mb: int = 2048
+    max_song_mb: int = 200
+    seed: int | None = None
+    timing: Timing = field(default_factory=Timing)
+
+    @property
+    def majority(self) -> int:
+        return len(self.peers) // 2 + 1
+
+
+def default_node_id() -> str:
+    name = socket.gethostname().lower().split(".")[0]
+    cleaned = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:64]
+    return cleaned or "node"
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"config: cannot read {path}: {err.strerror}") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config: {path} is not valid YAML: {err}".splitlines()[0]) from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of keys to values")
+    return data
+
+
+def _as_float(key: str, v: Any) -> float:
+    if isinstance(v, bool):
+        raise ConfigError(f"{key}: must be a number, got {v!r}")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: must be a number, got {v!r}") from None
+
+
+def _as_int(key: str, v: Any, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise ConfigError(f"{key}: must be an integer, got {v!r}")
+    try:
+        n = int(v)
+    except ValueError:
+        raise ConfigError(f"{key}: must be an integer, got {v!r}") from None
+    if n < minimum:
+        raise ConfigError(f"{key}: must be at least {minimum}, got {n}")
+    return n
+
+
+def _as_list(key: str, v: Any) -> list[str]:
+    if isinstance(v, str):
+        return [p.strip() for p in v.split(",") if p.strip()]
+    if isinstance(v, list) and all(isinstance(p, str) for p in v):
+        return [p.strip() for p in v]
+    raise ConfigError(f"{key}: must be a list of strings or a comma-separated string")
+
+
+def _check_id(key: str, v: Any) -> str:
+    if not isinstance(v, str) or not ID_RE.match(v):
+        raise ConfigError(f"{key}: must match [a-z0-9_-]+, got {v!r}")
+    return v
+
+
+def build_timing(raw: Any) -> Timing:
+    if raw is None:
+        return Timing()
+    if not isinstance(raw, dict):
+        raise ConfigError("timing: must be a mapping")
+    names = {f.name for f in dataclasses.fields(Timing)}
+    values: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k not in names:
+            raise ConfigError(f"timing.{k}: unknown key")
+        values[k] = _as_float(f"timing.{k}", v)
+        if k == "calibration_pings":
+            values[k] = _as_int(f"timing.{k}", int(values[k]))
+    return Timing(**values).validate()
+
+
+def load_node_config(config_file: str | None, overrides: dict[str, Any]) -> NodeConfig:
+    """Merge the YAML file (if any) with flag overrides (None = not given) and validate."""
+    raw: dict[str, Any] = _load_yaml(Path(config_file)) if config_file else {}
+    known = {f.name for f in dataclasses.fields(NodeConfig)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{key}: unknown key in {config_file}")
+    for key, value in overrides.items():
+        if value is not None:
+            raw[key] = value
+
+    node_id = _check_id("id", raw.get("id", default_node_id()))
+    peers_raw = raw.get("peers")
+    peers = [_check_id("peers", p) for p in _as_list("peers", peers_raw)] if peers_raw else []
+    if not peers:
+        peers = [node_id]
+    if node_id not in peers:
+        raise ConfigError(f"peers: must include this node's id {node_id!r}")
+    if len(set(peers)) != len(peers):
+        raise ConfigError("peers: lists a node twice")
+    if len(peers) % 2 == 0:
+        raise ConfigError(f"peers: a cluster needs an odd number (2f+1) of nodes, got {len(peers)}")
+    brokers = _as_list("broker", raw.get("broker", ["mqtt://127.0.0.1:1883"]))
+    if not brokers:
+        raise ConfigError("broker: needs at least one URL")
+    from nsync_mqtt.bus import parse_broker_url  # local: bus imports paho
+
+    for url in brokers:
+        parse_broker_url(url)
+    embed = raw.get("embed_broker")
+    if embed is not None:
+        parse_host_port("embed_broker", embed)
+    sink = raw.get("sink", "simpleaudio")
+    if sink not in SINKS:
+        raise ConfigError(f"sink: must be one of {', '.join(SINKS)}, got {sink!r}")
+    sink_log = raw.get("sink_log")
+    seed = raw.get("seed")
+    return NodeConfig(
+        id=node_id,
+        peers=tuple(peers),
+        cluster=_check_id("cluster", raw.get("cluster", "home")),
+        broker=tuple(brokers),
+        embed_broker=embed,
+        data_dir=Path(os.path.expanduser(str(raw.get("data_dir", f"nsync-data/{node_id}")))),
+        sink=sink,
+        sink_log=Path(sink_log) if sink_log else None,
+        clock_offset=_as_float("clock_offset", raw.get("clock_offset", 0.0)),
+        clock_drift_ppm=_as_float("clock_drift_ppm", raw.get("clock_drift_ppm", 0.0)),
+        dac_drift_ppm=_as_float("dac_drift_ppm", raw.get("dac_drift_ppm", 0.0)),
+        chunk_size_kib=_as_int("chunk_size_kib", raw.get("chunk_size_kib", 256)),
+        store_cap_mb=_as_int("store_cap_mb", raw.get("store_cap_mb", 2048)),
+        max_song_mb=_as_int("max_song_mb", raw.get("max_song_mb", 200)),
+        seed=None if seed is None else _as_int("seed", seed, minimum=0),
+        timing=build_timing(raw.get("timing")),
+    )
+
+
+def parse_host_port(key: str, value: Any) -> tuple[str, int]:
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(f"{key}: must be HOST:PORT, got {value!r}")
+    host, _, port_s = value.rpartition(":")
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ConfigError(f"{key}: port must be a number, got {port_s!r}") from None
+    if not host or not 0 < port < 65536:
+        raise ConfigError(f"{key}: must be HOST:PORT with a port 1-65535, got {value!r}")
+    return host, port

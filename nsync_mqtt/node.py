@@ -1,0 +1,1030 @@
+"""One NSync node: a speaker, and the master when elected.
+
+The node is a thin driver. It reads its clock once per event, hands the event to a pure core
+(``vote.Election``, ``timesync.ClockEstimator``, ``playlist``) and carries out what comes back:
+publishing on the bus, scheduling the sink, decoding songs in a worker thread. docs/protocol.md
+describes the internal messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from nsync_mqtt import audio
+from nsync_mqtt.broker_embed import EmbeddedBroker
+from nsync_mqtt.bus import Bus
+from nsync_mqtt.clock import SimClock
+from nsync_mqtt.config import NodeConfig, parse_host_port
+from nsync_mqtt.errors import CommandError, NSyncError, ProtocolError
+from nsync_mqtt.messages import Message, Topics, check_hash, decode, decode_chunk, encode
+from nsync_mqtt.playlist import (
+    PLAYING,
+    RATE,
+    Context,
+    Mismatch,
+    PlayerState,
+    apply_command,
+    apply_op,
+    next_song,
+)
+from nsync_mqtt.replication import Manifest, SongStore, chunk_header, read_chunk
+from nsync_mqtt.timesync import ClockEstimator, lead_time
+from nsync_mqtt.vote import (
+    BecameFollower,
+    BecameMaster,
+    Effect,
+    Election,
+    GrantVote,
+    RequestVotes,
+    Role,
+    SendHeartbeat,
+)
+
+log = logging.getLogger("nsync.node")
+
+VERBS = {
+    "play",
+    "pause",
+    "forward",
+    "next",
+    "backward",
+    "previous",
+    "stop",
+    "enqueue",
+    "load",
+    "volume",
+    "seek",
+    "status",
+}
+UNKNOWN_FRAMES = 1 << 62  # a held song whose length is not known yet
+NODE_STATE_PERIOD_S = 1.0
+NODE_ALIVE_S = 3.0
+
+
+def make_reply(
+    success: bool, command: str, params: Any, msg: str, client_req_id: Any = None, **extra: Any
+) -> bytes:
+    obj = {
+        "success": success,
+        "command": command,
+        "params": params,
+        "msg": msg,
+        "client_req_id": client_req_id,
+    }
+    obj.update(extra)
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+@dataclass
+class Request:
+    """A client command being served."""
+
+    verb: str
+    arg: Any
+    params: dict[str, Any]
+    reply_to: str | None
+    client_req_id: Any
+
+
+@dataclass
+class PendingAck:
+    request: Request | None
+    deadline: float
+    acks: set[str] = field(default_factory=set)
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def parse_command(verb: str, payload: bytes) -> Request:
+    """Decode a command payload: empty, a plain value, or a JSON object."""
+    text = payload.decode("utf-8", errors="strict").strip() if payload else ""
+    params: dict[str, Any] = {}
+    reply_to = None
+    req_id = None
+    arg: Any = None
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except ValueError as err:
+            raise ProtocolError(f"malformed JSON: {err}") from err
+        if not isinstance(obj, dict):
+            raise ProtocolError("a JSON command must be an object")
+        req_id = obj.pop("client_req_id", None)
+        if req_id is not None and (isinstance(req_id, bool) or not isinstance(req_id, (int, str))):
+            raise ProtocolError("client_req_id must be an integer or a string")
+        reply_to = obj.pop("reply_to", None)
+        if reply_to is not None:
+            from nsync_mqtt.messages import check_id
+
+            check_id(reply_to, "reply_to")
+        params = obj
+        for key in ("arg", "value", "song", "title", "volume", "seconds", "position"):
+            if key in obj:
+                arg = obj[key]
+                break
+    elif text:
+        arg = text
+        params = {"arg": text}
+    return Request(verb, arg, params, reply_to, req_id)
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+        self.timing = cfg.timing
+        self.clock = SimClock(cfg.clock_offset, cfg.clock_drift_ppm)
+        self.topics = Topics(cfg.cluster)
+        self.rng = random.Random(cfg.seed)
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = SongStore(
+            cfg.data_dir / "store",
+            cap_bytes=cfg.store_cap_mb * 1024 * 1024,
+            max_song_bytes=cfg.max_song_mb * 1024 * 1024,
+        )
+        self.pcm = audio.PcmCache(cfg.data_dir / "pcm")
+        self.sink = audio.make_sink(cfg.sink, cfg.sink_log, cfg.dac_drift_ppm)
+        self.election = Election(cfg.id, cfg.peers, self.timing, self.rng, self.clock.now())
+        self.est = ClockEstimator(calibration_samples=self.timing.calibration_pings)
+        self.state = PlayerState()
+        self.recovering = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.bus = Bus(
+            list(cfg.broker),
+            client_id=f"nsync-{cfg.cluster}-{cfg.id}",
+            will=(self.topics.node_status(cfg.id), b"offline", True),
+            on_connect=self._on_connect,
+        )
+        self.broker: EmbeddedBroker | None = None
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nsync-decode")
+        self._decoding: set[str] = set()
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._lag = 0
+        self._sink_pending = False  # playback waits for clock calibration
+        self._scheduled: tuple[Any, ...] | None = None
+        # master duties
+        self.pending: dict[tuple[int, int], PendingAck] = {}
+        self.holders: dict[str, set[str]] = {}
+        self.node_info: dict[str, dict[str, Any]] = {}
+        self.last_seen: dict[str, float] = {}
+        self.finished: dict[tuple[int, str], set[str]] = {}
+        self.song_events: dict[str, asyncio.Event] = {}
+        self._published: dict[str, bytes] = {}
+        self._node_state_sent = 0.0
+        self._last_node_state: bytes | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def is_master(self) -> bool:
+        return self.election.role is Role.MASTER
+
+    @property
+    def majority(self) -> int:
+        return self.election.majority
+
+    async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.sink.on_finished = self._finished_from_sink
+        if self.cfg.embed_broker:
+            host, port = parse_host_port("embed_broker", self.cfg.embed_broker)
+            self.broker = EmbeddedBroker(host, port)
+            await self.broker.start()
+        t = self.topics
+        subs: list[tuple[str, Callable[[str, bytes, bool], None]]] = [
+            (t.internal("hb"), self._on_internal),
+            (t.internal("vote_req"), self._on_internal),
+            (t.internal("op"), self._on_internal),
+            (t.internal("offer"), self._on_internal),
+            (t.internal(f"to/{self.cfg.id}"), self._on_internal),
+            (t.internal("ping"), self._on_internal),
+            (t.internal("ack"), self._on_internal),
+            (t.internal("sync_req"), self._on_internal),
+            (t.internal("finished"), self._on_internal),
+            (t.internal("want"), self._on_internal),
+            (t.internal("chunk/all"), self._on_chunk),
+            (t.internal(f"chunk/{self.cfg.id}"), self._on_chunk),
+            (t.upload, self._on_upload),
+            (t.cmd_all, self._on_command),
+            (f"{t.base}/node/+/state", self._on_node_state),
+        ]
+        for topic, handler in subs:
+            self.bus.subscribe(topic, handler)
+        await self.bus.start()
+        for song in self.store.songs():
+            self._decode_in_background(song)
+        self._tasks = [
+            asyncio.create_task(self._election_loop(), name="election"),
+            asyncio.create_task(self._ping_loop(), name="ping"),
+            asyncio.create_task(self._housekeeping_loop(), name="housekeeping"),
+        ]
+        log.info("node %s up (peers %s)", self.cfg.id, ",".join(self.cfg.peers))
+        await self._stop.wait()
+        await self._shutdown()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def _shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.bus.publish(self.topics.node_status(self.cfg.id), b"offline", retain=True)
+        if self.is_master:
+            self.bus.publish(self.topics.status, b"offline", retain=True)
+        await asyncio.sleep(0.05)
+        await self.bus.close()
+        self.sink.close()
+        self._decoder.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
+        if self.broker is not None:
+            await self.broker.stop()
+        log.info("node %s stopped", self.cfg.id)
+
+    def _on_connect(self) -> None:
+        """(Re)connected: republish what is retained (a broker restart loses it)."""
+        self.bus.publish(self.topics.node_status(self.cfg.id), b"online", retain=True)
+        self._last_node_state = None
+        self._publish_node_state(force=True)
+        if self.is_master:
+            self._published.clear()
+            self.bus.publish(self.topics.status, b"online", retain=True)
+            self._publish_state()
+            self._publish_library()
+
+    # ------------------------------------------------------------------ loops
+
+    async def _election_loop(self) -> None:
+        while True:
+            self._run_effects(self.election.tick(self.clock.now()))
+            delay = max(0.0, self.election.deadline() - self.clock.now())
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 1.0))
+
+    async def _ping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.timing.ping_interval_s)
+            master = self.election.master
+            if master and master != self.cfg.id:
+                self._send("ping", t1=self.clock.now())
+
+    async def _housekeeping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            now = self.clock.now()
+            self._publish_node_state()
+            if self.is_master:
+                self._expire_acks(now)
+
+    # ------------------------------------------------------------------ effects
+
+    def _send(self, type_: str, **body: Any) -> None:
+        self.bus.publish(
+            self.topics.internal(type_), encode(type_, self.cfg.id, self.election.term, **body)
+        )
+
+    def _send_to(self, node: str, type_: str, **body: Any) -> None:
+        self.bus.publish(
+            self.topics.internal(f"to/{node}"),
+            encode(type_, self.cfg.id, self.election.term, **body),
+        )
+
+    def _run_effects(self, effects: list[Effect]) -> None:
+        for eff in effects:
+            if isinstance(eff, SendHeartbeat):
+                self._send(
+                    "hb",
+                    index=self.state.index,
+                    plist=self.state.hash,
+                    lead=self._lead(),
+                )
+            elif isinstance(eff, RequestVotes):
+                self.bus.publish(self.topics.status, b"offline", retain=True)
+                self._send("vote_req", last_log=list(eff.last_log))
+            elif isinstance(eff, GrantVote):
+                self._send_to(eff.to, "vote", granted=eff.granted)
+            elif isinstance(eff, BecameMaster):
+                self._become_master()
+            elif isinstance(eff, BecameFollower):
+                self._become_follower(eff.master)
+        self._wake.set()
+
+    def _become_master(self) -> None:
+        log.info("node %s is master for term %d", self.cfg.id, self.election.term)
+        pb = self.state.playback
+        if pb.at is not None and self.est.offset_at(self.clock.now()) is not None:
+            # the playback's instants were on the old master's clock: move them onto ours
+            from dataclasses import replace
+
+            self.state = replace(self.state, playback=replace(pb, at=self.est.to_local(pb.at)))
+        self.est.reset()
+        self.pending.clear()
+        self.finished.clear()
+        self.recovering = False
+        self._published.clear()
+        now = self.clock.now()
+        for node in self.cfg.peers:
+            self.last_seen.setdefault(node, now)
+        self.bus.publish(self.topics.status, b"online", retain=True)
+        self._publish_state()
+        self._publish_library()
+        self._publish_node_state(force=True)
+
+    def _become_follower(self, master: str | None) -> None:
+        log.info("node %s follows %s in term %d", self.cfg.id, master, self.election.term)
+        self.pending.clear()
+        if master != self._est_master:
+            self.est.reset()
+            self._est_master = master
+        self._publish_node_state(force=True)
+
+    _est_master: str | None = None
+
+    # ------------------------------------------------------------------ internal messages
+
+    def _on_internal(self, topic: str, payload: bytes, retain: bool) -> None:
+        if retain:
+            return
+        try:
+            msg = decode(payload)
+        except ProtocolError as err:
+            log.warning("dropped a bad message on %s: %s", topic, err)
+            return
+        if msg.src == self.cfg.id:
+            return
+        now = self.clock.now()
+        try:
+            if msg.term > self.election.term:
+                self._run_effects(self.election.observe_term(now, msg.term))
+            handler = getattr(self, f"_msg_{msg.type}", None)
+            if handler is None:
+                log.debug("ignored message type %s", msg.type)
+                return
+            handler(now, msg)
+        except (ProtocolError, KeyError, TypeError, ValueError) as err:
+            log.warning("bad %s message from %s: %s", msg.type, msg.src, err)
+
+    def _msg_hb(self, now: float, msg: Message) -> None:
+        self._run_effects(self.election.on_heartbeat(now, msg.src, msg.term))
+        if self.election.master != msg.src or self.is_master:
+            return
+        if self._est_master != msg.src:
+            self.est.reset()
+            self._est_master = msg.src
+        if msg.get("index") != self.state.index or msg.get("plist") != self.state.hash:
+            self._lag += 1
+            if self._lag >= 3:
+                self._request_sync("behind the master's heartbeat")
+        else:
+            self._lag = 0
+
+    def _msg_vote_req(self, now: float, msg: Message) -> None:
+        last = msg.get("last_log")
+        last_log = (int(last[0]), int(last[1]))
+        self._run_effects(self.election.on_vote_request(now, msg.src, msg.term, last_log))
+
+    def _msg_vote(self, now: float, msg: Message) -> None:
+        self._run_effects(self.election.on_vote(now, msg.src, msg.term, bool(msg.get("granted"))))
+
+    def _msg_ping(self, now: float, msg: Message) -> None:
+        if not self.is_master:
+            return
+        self.last_seen[msg.src] = now
+        self._send_to(msg.src, "pong", t1=msg.get("t1"), t2=now, t3=self.clock.now())
+
+    def _msg_pong(self, now: float, msg: Message) -> None:
+        if msg.src != self.election.master or msg.term != self.election.term:
+            return
+        was = self.est.calibrated
+        self.est.add(float(msg.get("t1")), float(msg.get("t2")), float(msg.get("t3")), now)
+        if not was and self.est.calibrated:
+            log.info("clock calibrated against %s: %s", msg.src, self.est.stats())
+            if self._sink_pending:
+                self._drive_sink(force=True)
+
+    def _msg_op(self, now: float, msg: Message) -> None:
+        if msg.term < self.election.term or self.is_master:
+            return
+        if self.election.master != msg.src:
+            self._run_effects(self.election.on_heartbeat(now, msg.src, msg.term))
+        op = msg.get("op")
+        if not isinstance(op, dict):
+            raise ProtocolError("op must be an object")
+        index = op.get("index")
+        if self.recovering:
+            self._ack(msg, index, False, "recovering: pulling the master's state")
+            return
+        try:
+            new = apply_op(self.state, op)
+        except Mismatch as err:
+            self._ack(msg, index, False, str(err))
+            self._request_sync(str(err))
+            return
+        self._set_state(new)
+        self._ack(msg, index, True, "")
+
+    def _ack(self, msg: Message, index: Any, ok: bool, why: str) -> None:
+        self._send("ack", index=index, ok=ok, msg=why, to=msg.src)
+
+    def _msg_ack(self, now: float, msg: Message) -> None:
+        if not self.is_master or msg.term != self.election.term:
+            return
+        self.last_seen[msg.src] = now
+        key = (msg.term, msg.get("index"))
+        pending = self.pending.get(key)
+        if pending is None:
+            return  # an older epoch, or already answered
+        if msg.get("ok"):
+            pending.acks.add(msg.src)
+        else:
+            pending.failures[msg.src] = str(msg.get("msg"))
+        if len(pending.acks) + 1 >= self.majority:
+            del self.pending[key]
+            if pending.request is not None:
+                self._reply_ok(pending.request, "ok")
+
+    def _request_sync(self, why: str) -> None:
+        if not self.recovering:
+            log.warning("node %s out of step (%s): pulling the master's state", self.cfg.id, why)
+        self.recovering = True
+        self._lag = 0
+        self._send("sync_req", index=self.state.index)
+
+    def _msg_sync_req(self, now: float, msg: Message) -> None:
+        if not self.is_master:
+            return
+        manifests = {}
+        for song in set(self.state.playlist):
+            if self.store.has(song):
+                manifests[song] = Manifest(
+                    song, self.store.size_of(song), self.cfg.chunk_size_kib * 1024
+                ).to_dict()
+        self._send_to(msg.src, "sync", state=self.state.to_dict(), manifests=manifests)
+
+    def _msg_sync(self, now: float, msg: Message) -> None:
+        if msg.src != self.election.master or msg.term < self.election.term:
+            return
+        new = PlayerState.from_dict(msg.get("state"))
+        self.recovering = False
+        self._lag = 0
+        self._set_state(new)
+        for song in set(new.playlist):
+            if not self.store.has(song):
+                self._want(song, None)
+
+    def _want(self, song: str, missing: list[int] | None) -> None:
+        self._send("want", song=song, missing=missing)
+
+    def _msg_want(self, now: float, msg: Message) -> None:
+        if not self.is_master:
+            return
+        song = check_hash(msg.get("song"))
+        if not self.store.has(song):
+            return
+        missing = msg.get("missing")
+        self._send_chunks(song, missing, self.topics.internal(f"chunk/{msg.src}"))
+
+    def _send_chunks(self, song: str, indices: list[int] | None, topic: str) -> None:
+        from nsync_mqtt.messages import encode_chunk
+
+        manifest = Manifest(song, self.store.size_of(song), self.cfg.chunk_size_kib * 1024)
+        wanted = range(manifest.n_chunks) if indices is None else indices
+        path = self.store.path(song)
+        for i in wanted:
+            if isinstance(i, int) and 0 <= i < manifest.n_chunks:
+                data = read_chunk(path, manifest, i)
+                self.bus.publish(topic, encode_chunk(chunk_header(manifest, i), data))
+
+    def _msg_offer(self, now: float, msg: Message) -> None:
+        manifest = Manifest.from_dict(msg.get("manifest"))
+        if self.store.has(manifest.song):
+            self._publish_node_state(force=True)
+            return
+        asm = self.store.assembly(manifest)
+        self._want(manifest.song, asm.missing())
+
+    def _msg_finished(self, now: float, msg: Message) -> None:
+        if self.is_master:
+            self._count_finished(msg.src, int(msg.get("slot")), check_hash(msg.get("song")))
+
+    # ------------------------------------------------------------------ state and the sink
+
+    def _set_state(self, new: PlayerState) -> None:
+        old = self.state
+        self.state = new
+        self.election.set_last_log((self.election.term, new.index))
+        if new.playback != old.playback or new.volume != old.volume:
+            self._drive_sink()
+        if self.is_master:
+            self._publish_state()
+
+    def _master_to_host(self, t_master: float) -> float:
+        local = t_master if self.is_master else self.est.to_local(t_master)
+        return self.clock.to_host(local)
+
+    def _drive_sink(self, force: bool = False) -> None:
+        pb = self.state.playback
+        self.sink.set_volume(self.state.volume)
+        if not self.is_master and not self.est.calibrated:
+            self._sink_pending = True
+            if pb.state != PLAYING:
+                self.sink.stop()
+            return
+        self._sink_pending = False
+        key = (pb, self.election.master if not force else None)
+        if key == self._scheduled and not force:
+            return
+        self._scheduled = key
+        if pb.state == PLAYING and pb.song is not None and pb.at is not None:
+            track = self.pcm.get(pb.song)
+            if track is None:
+                if self.store.has(pb.song):
+                    self._decode_in_background(pb.song)
+                else:
+                    self._want(pb.song, None)
+            self.sink.play(pb.song, track, pb.frame, self._master_to_host(pb.at))
+            self.store.touch(pb.song, self.clock.now())
+        elif pb.at is not None:
+            self.sink.stop(self._master_to_host(pb.at))
+        else:
+            self.sink.stop()
+
+    def _finished_from_sink(self, song: str) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._on_sink_finished, song)
+
+    def _on_sink_finished(self, song: str) -> None:
+        pb = self.state.playback
+        if pb.state != PLAYING or pb.song != song:
+            return
+        if self.is_master:
+            self._count_finished(self.cfg.id, pb.slot, song)
+        else:
+            self._send("finished", slot=pb.slot, song=song)
+
+    def _count_finished(self, node: str, slot: int, song: str) -> None:
+        reports = self.finished.setdefault((slot, song), set())
+        reports.add(node)
+        pb = self.state.playback
+        if len(reports) >= self.majority and pb.state == PLAYING and pb.slot == slot:
+            self.finished.pop((slot, song), None)
+            try:
+                new, op = next_song(self.state, slot, self._ctx())
+            except CommandError:
+                return
+            self._commit(new, op, None)
+
+    # ------------------------------------------------------------------ songs
+
+    def _on_chunk(self, topic: str, payload: bytes, retain: bool) -> None:
+        if retain:
+            return
+        try:
+            header, data = decode_chunk(payload)
+            song, complete = self.store.add_chunk(header, data, self.clock.now())
+        except (ProtocolError, OSError) as err:
+            log.warning("dropped a chunk: %s", err)
+            return
+        if complete:
+            self._song_arrived(song)
+
+    def _on_upload(self, topic: str, payload: bytes, retain: bool) -> None:
+        """A whole song in one message (the `mosquitto_pub -f` path)."""
+        if retain:
+            return
+        try:
+            song = self.store.put_bytes(payload, None, self.clock.now())
+        except ProtocolError as err:
+            if self.is_master:
+                self.bus.publish(
+                    self.topics.reply("upload"),
+                    make_reply(False, "upload", {"size": len(payload)}, str(err)),
+                )
+            return
+        self._song_arrived(song, upload_reply=self.is_master)
+
+    def _song_arrived(self, song: str, upload_reply: bool = False) -> None:
+        self.holders.setdefault(song, set()).add(self.cfg.id)
+        self._decode_in_background(song, upload_reply=upload_reply)
+        self._publish_node_state(force=True)
+        ev = self.song_events.get(song)
+        if ev is not None:
+            ev.set()
+        if self.state.playback.song == song:
+            self._drive_sink(force=True)
+
+    def _decode_in_background(self, song: str, upload_reply: bool = False) -> None:
+        if song in self._decoding or self.loop is None:
+            return
+        if self.pcm.get(song) is not None and self.store.meta(song):
+            if upload_reply:
+                self._upload_done(song, None)
+            return
+        self._decoding.add(song)
+        src = self.store.path(song)
+
+        def work() -> tuple[dict[str, Any], str | None]:
+            meta = audio.probe(src)
+            try:
+                track = self.pcm.decode(song, src)
+            except audio.DecodeError as err:
+                return meta, str(err)
+            meta["frames"] = track.frames
+            meta["duration_s"] = track.frames / RATE
+            return meta, None
+
+        fut = self.loop.run_in_executor(self._decoder, work)
+
+        def done(f: asyncio.Future[tuple[dict[str, Any], str | None]]) -> None:
+            self._decoding.discard(song)
+            try:
+                meta, error = f.result()
+            except Exception as err:  # a decoder crash must not take the node down
+                meta, error = {}, f"decoder failed: {err}"
+            if error is not None:
+                log.warning("song %s… cannot be decoded: %s", song[:12], error)
+                if song not in self.state.playlist:
+                    self.store.remove(song)
+                    self.holders.get(song, set()).discard(self.cfg.id)
+                    self._publish_node_state(force=True)
+                if upload_reply:
+                    self._upload_done(song, error)
+                ev = self.song_events.get(song)
+                if ev is not None:
+                    ev.set()
+                return
+            meta["size"] = self.store.size_of(song)
+            self.store.set_meta(song, meta)
+            if upload_reply:
+                self._upload_done(song, None)
+            if self.is_master:
+                self._publish_library()
+                self._publish_state()
+            pb = self.state.playback
+            track = self.pcm.get(song)
+            if pb.song == song and track is not None:
+                self.sink.attach(song, track)
+            ev = self.song_events.get(song)
+            if ev is not None:
+                ev.set()
+
+        fut.add_done_callback(done)
+
+    def _upload_done(self, song: str, error: str | None) -> None:
+        if not self.is_master:
+            return
+        params = {"song": song, "size": self.store.size_of(song) if self.store.has(song) else None}
+        if error:
+            msg = f"not a playable song: {error}"
+        else:
+            msg = f"stored {self.store.meta(song).get('title') or song[:12]}"
+            self._offer(song)
+        self.bus.publish(
+            self.topics.reply("upload"), make_reply(error is None, "upload", params, msg)
+        )
+
+    def _offer(self, song: str) -> None:
+        manifest = Manifest(song, self.store.size_of(song), self.cfg.chunk_size_kib * 1024)
+        self._send("offer", manifest=manifest.to_dict())
+
+    def _on_node_state(self, topic: str, payload: bytes, retain: bool) -> None:
+        node = topic.split("/")[-2]
+        if node == self.cfg.id or node not in self.cfg.peers:
+            return
+        try:
+            info = json.loads(payload) if payload else {}
+        except ValueError:
+            return
+        if not isinstance(info, dict):
+            return
+        self.node_info[node] = info
+        songs = info.get("songs")
+        if isinstance(songs, list):
+            for song, who in self.holders.items():
+                if song not in songs:
+                    who.discard(node)
+            for song in songs:
+                if isinstance(song, str):
+                    self.holders.setdefault(song, set()).add(node)
+                    ev = self.song_events.get(song)
+                    if ev is not None:
+                        ev.set()
+
+    # ------------------------------------------------------------------ client commands (master)
+
+    def _on_command(self, topic: str, payload: bytes, retain: bool) -> None:
+        if retain or not self.is_master:
+            return  # a retained command is never replayed; only the master serves
+        verb = self.topics.verb_of(topic) or ""
+        try:
+            req = parse_command(verb, payload)
+        except (ProtocolError, UnicodeDecodeError) as err:
+            rt = _sniff_reply_to(payload)
+            if rt:
+                self.bus.publish(
+                    self.topics.reply(rt), make_reply(False, verb, None, f"bad command: {err}")
+                )
+            return
+        if verb not in VERBS:
+            self._reply(
+                req, False, f"unknown command {verb!r}; try one of {', '.join(sorted(VERBS))}"
+            )
+            return
+        try:
+            if verb == "status":
+                self._reply(req, True, self._summary(), state=self._state_doc())
+            elif verb == "load":
+                self._tasks.append(asyncio.create_task(self._serve_load(req)))
+            else:
+                self._serve(req)
+        except CommandError as err:
+            self._reply(req, False, str(err))
+        except ProtocolError as err:
+            self._reply(req, False, f"bad {verb} argument: {err}")
+
+    def _serve(self, req: Request) -> None:
+        arg = req.arg
+        if req.verb == "enqueue":
+            arg = self._resolve_song(arg)
+        new, op = apply_command(self.state, req.verb, arg, self._ctx())
+        self._commit(new, op, req)
+
+    def _resolve_song(self, arg: Any) -> str:
+        if not isinstance(arg, str) or not arg:
+            raise CommandError("enqueue needs a song hash or an exact title")
+        if len(arg) == 56 and all(c in "0123456789abcdef" for c in arg):
+            if not self.store.has(arg):
+                raise CommandError(f"song {arg[:12]}… is not loaded; load it first")
+            return arg
+        matches = [s for s in self.store.songs() if self.store.meta(s).get("title") == arg]
+        if not matches:
+            raise CommandError(f"no loaded song has the title {arg!r}")
+        if len(matches) > 1:
+            raise CommandError(f"{len(matches)} songs have the title {arg!r}; use the hash")
+        return matches[0]
+
+    def _commit(self, new: PlayerState, op: dict[str, Any], req: Request | None) -> None:
+        term = self.election.term
+        self._set_state(new)
+        if self.majority > 1:
+            self.pending[(term, new.index)] = PendingAck(
+                req, self.clock.now() + self.timing.ack_timeout_s
+            )
+        self._send("op", op=op)
+        if self.majority <= 1 and req is not None:
+            self._reply_ok(req, "ok")
+
+    def _expire_acks(self, now: float) -> None:
+        for key, p in list(self.pending.items()):
+            if now >= p.deadline:
+                del self.pending[key]
+                if p.request is not None:
+                    got = len(p.acks) + 1
+                    why = "; ".join(f"{n}: {m}" for n, m in p.failures.items())
+                    self._reply(
+                        p.request,
+                        False,
+                        f"applied on the master but only {got} of {self.majority} nodes "
+                        f"acknowledged in {self.timing.ack_timeout_s:g} s"
+                        + (f" ({why})" if why else ""),
+                    )
+
+    def _reply_ok(self, req: Request, msg: str) -> None:
+        self._reply(req, True, msg)
+
+    def _reply(self, req: Request, success: bool, msg: str, **extra: Any) -> None:
+        if req.reply_to is None:
+            return
+        self.bus.publish(
+            self.topics.reply(req.reply_to),
+            make_reply(success, req.verb, req.params, msg, req.client_req_id, **extra),
+        )
+
+    def _ctx(self) -> Context:
+        frames: dict[str, int] = {}
+        for song in self.store.songs():
+            track = self.pcm.get(song)
+            if track is not None:
+                frames[song] = track.frames
+            else:
+                dur = self.store.meta(song).get("duration_s")
+                frames[song] = int(dur * RATE) if isinstance(dur, (int, float)) else UNKNOWN_FRAMES
+        return Context(self.clock.now(), self._lead(), frames)
+
+    def _lead(self) -> float:
+        rtts: list[float | None] = []
+        now = self.clock.now()
+        for node, info in self.node_info.items():
+            if now - self.last_seen.get(node, -1e9) < NODE_ALIVE_S:
+                clock = info.get("clock") or {}
+                rtts.append(clock.get("rtt_p90_s"))
+        return lead_time(
+            rtts, self.timing.lead_min_s, self.timing.lead_max_s, self.timing.lead_rtt_factor
+        )
+
+    async def _serve_load(self, req: Request) -> None:
+        try:
+            manifest = Manifest.from_dict(
+                {
+                    "song": req.params.get("song"),
+                    "size": req.params.get("size"),
+                    "chunk_size": req.params.get("chunk_size", self.cfg.chunk_size_kib * 1024),
+                },
+                max_size=self.cfg.max_song_mb * 1024 * 1024,
+            )
+        except ProtocolError as err:
+            self._reply(req, False, f"bad load manifest: {err}")
+            return
+        if req.reply_to is None:
+            log.warning("a load without reply_to cannot be served (nobody to ask for chunks)")
+            return
+        song = manifest.song
+        ev = self.song_events.setdefault(song, asyncio.Event())
+        try:
+            if not self.store.has(song):
+                asm = self.store.assembly(manifest)
+                self.bus.publish(
+                    self.topics.internal(f"xfer/{req.reply_to}"),
+                    json.dumps({"song": song, "missing": asm.missing()}).encode(),
+                )
+                last = asm.received_count
+                while not self.store.has(song):
+                    ev.clear()
+                    try:
+                        await asyncio.wait_for(ev.wait(), self.timing.upload_idle_timeout_s)
+                    except TimeoutError:
+                        got = asm.received_count
+                        if got == last and not self.store.has(song):
+                            self._reply(
+                                req,
+                                False,
+                                f"upload incomplete: received {got} of {manifest.n_chunks} "
+                                "chunks; load again to resume",
+                            )
+                            return
+                        last = got
+            # wait for the master's own decode to judge whether it is a song at all
+            while song in self._decoding:
+                ev.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ev.wait(), 1.0)
+            if not self.store.has(song):
+                self._reply(req, False, "not a playable song: it cannot be decoded")
+                return
+            self.holders.setdefault(song, set()).add(self.cfg.id)
+            title = self.store.meta(song).get("title") or song[:12]
+            if req.params.get("bg"):
+                self._offer(song)
+                self._reply(req, True, f"{title} is on the master; replicating in the background")
+                return
+            self._offer(song)
+            deadline = self.clock.now() + max(10.0, manifest.size / 1e6)
+            while len(self.holders.get(song, ())) < self.majority:
+                if self.clock.now() > deadline:
+                    held = len(self.holders.get(song, ()))
+                    self._reply(req, False, f"only {held} of {self.majority} nodes hold {title}")
+                    return
+                ev.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ev.wait(), 1.0)
+            self._reply(req, True, f"loaded {title} on {len(self.holders[song])} nodes")
+        finally:
+            self.song_events.pop(song, None)
+
+    # ------------------------------------------------------------------ published state
+
+    def _title(self, song: str | None) -> dict[str, Any]:
+        return self.store.meta(song) if song and self.store.has(song) else {}
+
+    def _state_doc(self) -> dict[str, Any]:
+        now = self.clock.now()
+        pb = self.state.playback
+        meta = self._title(pb.song)
+        alive = [self.cfg.id] + [
+            n
+            for n in self.cfg.peers
+            if n != self.cfg.id and now - self.last_seen.get(n, -1e9) < NODE_ALIVE_S
+        ]
+        return {
+            "playback": pb.state,
+            "song": pb.song,
+            "title": meta.get("title"),
+            "artist": meta.get("artist"),
+            "duration": meta.get("duration_s"),
+            "position": round(pb.frame_at(now) / RATE, 3),
+            "position_at": round(time.time(), 3),
+            "queue": list(self.state.playlist[pb.slot + 1 :]),
+            "playlist": list(self.state.playlist),
+            "slot": pb.slot,
+            "volume": self.state.volume,
+            "master": self.cfg.id,
+            "term": self.election.term,
+            "nodes": sorted(alive),
+        }
+
+    def _summary(self) -> str:
+        d = self._state_doc()
+        what = d["title"] or (d["song"][:12] if d["song"] else "nothing")
+        return (
+            f"{d['playback']}: {what} at {d['position']:.1f} s, volume {d['volume']}, "
+            f"{len(d['playlist'])} in playlist, master {d['master']} (term {d['term']}), "
+            f"nodes {','.join(d['nodes'])}"
+        )
+
+    def _publish_state(self) -> None:
+        doc = self._state_doc()
+        self._retain(self.topics.state, json.dumps(doc, separators=(",", ":")).encode(), force=True)
+        for key, value in doc.items():
+            if key == "position_at":
+                continue
+            text = (
+                ""
+                if value is None
+                else (json.dumps(value) if isinstance(value, (list, dict)) else str(value))
+            )
+            self._retain(self.topics.state_field(key), text.encode())
+        self._retain(self.topics.state_field("position_at"), str(doc["position_at"]).encode())
+
+    def _retain(self, topic: str, payload: bytes, force: bool = False) -> None:
+        if not force and self._published.get(topic) == payload:
+            return
+        self._published[topic] = payload
+        self.bus.publish(topic, payload, retain=True)
+
+    def _publish_library(self) -> None:
+        lib = []
+        for song in sorted(self.store.songs()):
+            meta = self.store.meta(song)
+            lib.append(
+                {
+                    "hash": song,
+                    "title": meta.get("title"),
+                    "artist": meta.get("artist"),
+                    "duration": meta.get("duration_s"),
+                    "size": self.store.size_of(song),
+                }
+            )
+        self._retain(self.topics.library, json.dumps(lib, separators=(",", ":")).encode())
+
+    def _publish_node_state(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._node_state_sent < NODE_STATE_PERIOD_S:
+            return
+        stats = self.est.stats()
+        stats["rtt_p90_s"] = self.est.rtt_estimate()
+        doc = {
+            "role": self.election.role.value,
+            "term": self.election.term,
+            "master": self.election.master,
+            "recovering": self.recovering,
+            "clock": stats,
+            "songs": sorted(self.store.songs()),
+            "index": self.state.index,
+            "playlist_hash": self.state.hash,
+            "playback": self.state.playback.state,
+        }
+        payload = json.dumps(doc, separators=(",", ":")).encode()
+        self._node_state_sent = now
+        self.bus.publish(self.topics.node_state(self.cfg.id), payload, retain=True)
+
+
+def _sniff_reply_to(payload: bytes) -> str | None:
+    try:
+        obj = json.loads(payload)
+        rt = obj.get("reply_to") if isinstance(obj, dict) else None
+        from nsync_mqtt.messages import check_id
+
+        return check_id(rt) if rt else None
+    except (ValueError, ProtocolError, UnicodeDecodeError, AttributeError):
+        return None
+
+
+def run_node(cfg: NodeConfig) -> int:
+    """Blocking entry point of `nsync node`: runs until SIGINT/SIGTERM."""
+
+    async def main() -> None:
+        node = Node(cfg)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, node.request_stop)
+        await node.run()
+
+    try:
+        asyncio.run(main())
+    except NSyncError as err:
+        log.error("%s", err)
+        return 1
+    return 0

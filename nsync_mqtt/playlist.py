@@ -1,0 +1,332 @@
+"""The replicated player state and the commands that change it (pure).
+
+Every node holds a :class:`PlayerState`: the playlist (song hashes, in order), the slot (index of
+the current song), the playback (playing/paused/idle, and which song frame plays at which
+instant of the master's clock) and the volume. The master turns a client command into a new state
+and an *operation*; speakers apply the operation to their own state.
+
+Consistency follows the NSync paper: an operation that changes the playlist carries the hash of
+the playlist before and after it. A speaker whose playlist hash equals the "after" hash has already
+applied it (a re-delivered command is harmless); one whose hash equals the "before" hash applies
+it; any other hash is a mismatch and the speaker pulls the master's state. Every playback
+operation carries the slotted song's hash and the playlist hash, so a speaker never plays a song
+other than the master's.
+
+Times in a playback are on the master's clock. A playing playback says "frame ``frame`` reaches
+the speakers at master time ``at``"; the position at any later instant follows from the rate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeGuard
+
+from nsync_mqtt.errors import CommandError, ProtocolError, SongMissing
+from nsync_mqtt.messages import check_hash
+
+RATE = 44100
+PLAYING, PAUSED, IDLE = "playing", "paused", "idle"
+PLAYBACK_STATES = (PLAYING, PAUSED, IDLE)
+BACKWARD_RESTART_S = 3.0  # backward within this many seconds of a song's start goes to the previous
+
+
+def playlist_hash(songs: tuple[str, ...]) -> str:
+    """sha224 over the ordered song hashes: equal playlists, equal hashes."""
+    return hashlib.sha224("\n".join(songs).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Playback:
+    state: str = IDLE
+    slot: int = 0
+    song: str | None = None
+    frame: int = 0
+    at: float | None = None  # master-clock instant at which `frame` plays (playing) or stopped
+
+    def frame_at(self, t: float, rate: int = RATE) -> int:
+        if self.state == PLAYING and self.at is not None and t > self.at:
+            return self.frame + int((t - self.at) * rate)
+        return self.frame
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "slot": self.slot,
+            "song": self.song,
+            "frame": self.frame,
+            "at": self.at,
+        }
+
+    @classmethod
+    def from_dict(cls, d: object) -> Playback:
+        if not isinstance(d, dict):
+            raise ProtocolError("playback must be an object")
+        state = d.get("state")
+        if state not in PLAYBACK_STATES:
+            raise ProtocolError(f"playback.state must be one of {PLAYBACK_STATES}")
+        slot, frame, at = d.get("slot"), d.get("frame"), d.get("at")
+        if not _is_int(slot) or slot < 0 or not _is_int(frame) or frame < 0:
+            raise ProtocolError("playback.slot and playback.frame must be non-negative integers")
+        if at is not None and not isinstance(at, (int, float)):
+            raise ProtocolError("playback.at must be a number or null")
+        song = d.get("song")
+        if song is not None:
+            check_hash(song, "playback.song")
+        return cls(state, slot, song, frame, None if at is None else float(at))
+
+
+@dataclass(frozen=True)
+class PlayerState:
+    playlist: tuple[str, ...] = ()
+    playback: Playback = field(default_factory=Playback)
+    volume: int = 50
+    index: int = 0  # operations applied so far
+
+    @property
+    def hash(self) -> str:
+        return playlist_hash(self.playlist)
+
+    @property
+    def slotted(self) -> str | None:
+        slot = self.playback.slot
+        return self.playlist[slot] if 0 <= slot < len(self.playlist) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "playlist": list(self.playlist),
+            "playback": self.playback.to_dict(),
+            "volume": self.volume,
+            "index": self.index,
+        }
+
+    @classmethod
+    def from_dict(cls, d: object) -> PlayerState:
+        if not isinstance(d, dict):
+            raise ProtocolError("state must be an object")
+        playlist = d.get("playlist")
+        if not isinstance(playlist, list):
+            raise ProtocolError("state.playlist must be a list")
+        songs = tuple(check_hash(s, "playlist entry") for s in playlist)
+        volume, index = d.get("volume"), d.get("index")
+        if not _is_int(volume) or not 0 <= volume <= 100:
+            raise ProtocolError("state.volume must be an integer 0-100")
+        if not _is_int(index) or index < 0:
+            raise ProtocolError("state.index must be a non-negative integer")
+        return cls(songs, Playback.from_dict(d.get("playback")), volume, index)
+
+
+def _is_int(v: object) -> TypeGuard[int]:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# --- the master side: commands -> (new state, operation) -------------------------------------
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the master knows when it applies a command."""
+
+    now: float  # master clock
+    lead_s: float  # how far ahead playback changes are scheduled
+    song_frames: Mapping[str, int]  # known length of each held song, in frames
+    rate: int = RATE
+
+
+def _op(state: PlayerState, new: PlayerState, kind: str, **extra: Any) -> dict[str, Any]:
+    op: dict[str, Any] = {"op": kind, "index": new.index, "pre": state.hash, "post": new.hash}
+    op.update(extra)
+    if kind == "playback":
+        op["playback"] = new.playback.to_dict()
+    return op
+
+
+def _with_playback(state: PlayerState, pb: Playback) -> PlayerState:
+    return replace(state, playback=pb, index=state.index + 1)
+
+
+def _start(state: PlayerState, slot: int, frame: int, ctx: Context) -> Playback:
+    return Playback(PLAYING, slot, state.playlist[slot], frame, ctx.now + ctx.lead_s)
+
+
+def _cued(state: PlayerState, slot: int, playing: bool, ctx: Context) -> Playback:
+    """Slot `slot` at frame 0: playing from now+lead if `playing`, else paused at 0."""
+    if slot >= len(state.playlist):
+        return Playback(IDLE, len(state.playlist), None, 0, None)
+    if playing:
+        return _start(state, slot, 0, ctx)
+    return Playback(PAUSED if state.playback.state == PAUSED else IDLE, slot, state.playlist[slot])
+
+
+def _stop_at(pb: Playback, ctx: Context, new_state: str) -> Playback:
+    """Stop `pb` at now+lead, remembering the frame reached then."""
+    at = ctx.now + ctx.lead_s
+    frame = pb.frame_at(at, ctx.rate)
+    return Playback(new_state, pb.slot, pb.song, frame, at)
+
+
+def _frames_of(song: str | None, ctx: Context) -> int | None:
+    return None if song is None else ctx.song_frames.get(song)
+
+
+def apply_command(
+    state: PlayerState, verb: str, arg: Any, ctx: Context
+) -> tuple[PlayerState, dict[str, Any]]:
+    """Apply one client command; raise CommandError (state unchanged) if it cannot apply."""
+    pb = state.playback
+    if verb == "enqueue":
+        song = check_hash(arg)
+        if song not in ctx.song_frames:
+            raise SongMissing(f"song {song[:12]}… is not loaded; load it first")
+        playlist = (*state.playlist, song)
+        new_pb = pb
+        if pb.song is None:  # nothing slotted: the new song becomes the current one
+            new_pb = replace(pb, slot=len(state.playlist), song=song, frame=0, at=None)
+        new = PlayerState(playlist, new_pb, state.volume, state.index + 1)
+        return new, _op(state, new, "enqueue", song=song, playback=new_pb.to_dict())
+
+    if verb == "play":
+        if pb.state == PLAYING:
+            raise CommandError("already playing")
+        if not state.playlist:
+            raise CommandError("the playlist is empty: enqueue a song first")
+        if pb.song is None:  # the playlist ended: play it again from the top
+            new = _with_playback(state, _start(state, 0, 0, ctx))
+        else:
+            new = _with_playback(state, _start(state, pb.slot, pb.frame, ctx))
+        return new, _op(state, new, "playback")
+
+    if verb == "pause":
+        if pb.state != PLAYING:
+            raise CommandError("not playing")
+        new = _with_playback(state, _stop_at(pb, ctx, PAUSED))
+        return new, _op(state, new, "playback")
+
+    if verb == "stop":
+        if pb.state == IDLE and pb.frame == 0:
+            raise CommandError("already stopped")
+        at = ctx.now + ctx.lead_s
+        new = _with_playback(state, Playback(IDLE, pb.slot, pb.song, 0, at))
+        return new, _op(state, new, "playback")
+
+    if verb in ("forward", "next"):
+        if pb.song is None:
+            raise CommandError("nothing to skip: the playlist is empty or has ended")
+        new = _with_playback(state, _cued(state, pb.slot + 1, pb.state == PLAYING, ctx))
+        return new, _op(state, new, "playback")
+
+    if verb in ("backward", "previous"):
+        if not state.playlist:
+            raise CommandError("the playlist is empty")
+        slot = min(pb.slot, len(state.playlist))
+        pos_s = pb.frame_at(ctx.now, ctx.rate) / ctx.rate if pb.song is not None else 0.0
+        if pb.song is None or (pos_s < BACKWARD_RESTART_S and slot > 0):
+            slot -= 1
+        new = _with_playback(state, _cued(state, slot, pb.state == PLAYING, ctx))
+        return new, _op(state, new, "playback")
+
+    if verb == "seek":
+        seconds = _number(arg, "seek")
+        if pb.song is None:
+            raise CommandError("nothing to seek in: no song is slotted")
+        frames = _frames_of(pb.song, ctx)
+        frame = round(seconds * ctx.rate)
+        if frames is not None and frame >= frames:
+            raise CommandError(
+                f"seek to {seconds:g} s is past the end of the song ({frames / ctx.rate:.1f} s)"
+            )
+        if pb.state == PLAYING:
+            new_pb = Playback(PLAYING, pb.slot, pb.song, frame, ctx.now + ctx.lead_s)
+        else:
+            new_pb = Playback(PAUSED, pb.slot, pb.song, frame, None)
+        new = _with_playback(state, new_pb)
+        return new, _op(state, new, "playback")
+
+    if verb == "volume":
+        volume = parse_volume(arg, state.volume)
+        new = replace(state, volume=volume, index=state.index + 1)
+        return new, _op(state, new, "volume", volume=volume)
+
+    raise CommandError(f"unknown command {verb!r}")
+
+
+def next_song(state: PlayerState, finished_slot: int, ctx: Context) -> tuple[PlayerState, dict]:
+    """The slotted song finished on a quorum: move on (idle after the last song)."""
+    pb = state.playback
+    if pb.state != PLAYING or pb.slot != finished_slot:
+        raise CommandError("stale finish report")
+    new = _with_playback(state, _cued(state, pb.slot + 1, True, ctx))
+    return new, _op(state, new, "playback")
+
+
+def _number(arg: Any, what: str) -> float:
+    if isinstance(arg, bool):
+        raise CommandError(f"{what} needs a number of seconds, got {arg!r}")
+    try:
+        value = float(arg)
+    except (TypeError, ValueError):
+        raise CommandError(f"{what} needs a number of seconds, got {arg!r}") from None
+    if value != value or value < 0 or value == float("inf"):
+        raise CommandError(f"{what} needs a non-negative number of seconds, got {arg!r}")
+    return value
+
+
+def parse_volume(arg: Any, current: int) -> int:
+    """0-100 absolute, or "+N"/"-N" relative (clamped)."""
+    text = str(arg).strip() if not isinstance(arg, bool) else ""
+    relative = text[:1] in ("+", "-")
+    try:
+        value = int(text)
+    except ValueError:
+        raise CommandError(f"volume must be 0-100 or +N/-N, got {arg!r}") from None
+    if relative:
+        return max(0, min(100, current + value))
+    if not 0 <= value <= 100:
+        raise CommandError(f"volume must be between 0 and 100, got {value}")
+    return value
+
+
+# --- the speaker side: operation -> new state ---------------------------------------------
+
+
+class Mismatch(ProtocolError):
+    """This node's state disagrees with the master's: it must pull the master's state."""
+
+
+def apply_op(state: PlayerState, op: Mapping[str, Any]) -> PlayerState:
+    """Apply a master's operation; re-delivered operations leave the state unchanged."""
+    index = op.get("index")
+    kind = op.get("op")
+    if not _is_int(index):
+        raise ProtocolError("op.index must be an integer")
+    if index <= state.index:
+        return state  # already applied
+    if index != state.index + 1:
+        raise Mismatch(f"missed operations: have {state.index}, got {index}")
+    pre, post = op.get("pre"), op.get("post")
+    if kind == "enqueue":
+        song = check_hash(op.get("song"))
+        if state.hash == post:  # applied already under another index: only catch up
+            return replace(state, index=index)
+        if state.hash != pre:
+            raise Mismatch("playlist hash differs from the master's before this enqueue")
+        playlist = (*state.playlist, song)
+        if playlist_hash(playlist) != post:
+            raise Mismatch("playlist hash differs from the master's after this enqueue")
+        pb = Playback.from_dict(op.get("playback"))
+        return PlayerState(playlist, pb, state.volume, index)
+    if kind == "playback":
+        if state.hash != pre:
+            raise Mismatch("playlist hash differs from the master's")
+        pb = Playback.from_dict(op.get("playback"))
+        slotted = state.playlist[pb.slot] if pb.slot < len(state.playlist) else None
+        if pb.song is not None and slotted != pb.song:
+            raise Mismatch("slotted song differs from the master's")
+        return replace(state, playback=pb, index=index)
+    if kind == "volume":
+        volume = op.get("volume")
+        if not _is_int(volume) or not 0 <= volume <= 100:
+            raise ProtocolError("op.volume must be an integer 0-100")
+        return replace(state, volume=volume, index=index)
+    raise ProtocolError(f"unknown operation {kind!r}")
