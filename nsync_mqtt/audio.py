@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 import wave
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -431,7 +432,9 @@ class NullSink(VirtualSink):
 def _scale(pcm: bytes, volume: int) -> bytes:
     if volume >= 100:
         return pcm
-    import audioop  # Python >= 3.13: provided by the audioop-lts package
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import audioop  # Python >= 3.13: provided by the audioop-lts package
 
     return audioop.mul(pcm, SAMPLE_WIDTH, volume / 100.0)
 

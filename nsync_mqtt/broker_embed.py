@@ -1,9 +1,9 @@
 """The embedded MQTT broker (amqtt), for households without a broker of their own.
 
-Password file format (``--config`` key ``password_file``): one user per line, ``user:hash``,
-where ``hash`` is an argon2 string as made by :func:`hash_password` (``$argon2id$v=19$m=...``).
-Blank lines and lines starting with ``#`` are ignored. Without a password file every client may
-connect; with one, clients must log in with a listed user and its password.
+Password file format: one user per line, ``user:hash``, where ``hash`` is an argon2 string as
+made by :func:`hash_password` (``$argon2id$v=19$m=2048,t=1,p=1$...``). Blank lines and lines
+starting with ``#`` are ignored. Without a password file every client may connect; with one,
+clients must log in with a listed user and its password.
 
 Broker settings and why:
 - only our own plugins are loaded (amqtt replaces its defaults when ``plugins`` is given): no

@@ -64,6 +64,7 @@ class NSyncClient:
         self._client = new_paho_client(self.reply_to, self.url)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
 
     # -- connection
 
@@ -93,8 +94,12 @@ class NSyncClient:
     ) -> None:
         if getattr(rc, "is_failure", False):
             return
-        client.subscribe(self.topics.reply(self.reply_to), qos=1)
-        client.subscribe(self.topics.internal(f"xfer/{self.reply_to}"), qos=1)
+        # ready only once the broker confirmed the subscriptions: a reply can then not be missed
+        client.subscribe(
+            [(self.topics.reply(self.reply_to), 1), (self.topics.internal(f"xfer/{self.reply_to}"), 1)]
+        )
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: Any, rcs: Any, props: Any) -> None:
         self._connected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:

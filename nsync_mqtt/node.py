@@ -555,10 +555,16 @@ class Node:
                     self._decode_in_background(pb.song)
                 else:
                     self._want(pb.song, None)
-            self.sink.play(pb.song, track, pb.frame, self._master_to_host(pb.at))
+            at_host = self._master_to_host(pb.at)
+            log.info(
+                "play %s… from frame %d in %.3f s", pb.song[:12], pb.frame, at_host - time.monotonic()
+            )
+            self.sink.play(pb.song, track, pb.frame, at_host)
             self.store.touch(pb.song, self.clock.now())
         elif pb.at is not None:
-            self.sink.stop(self._master_to_host(pb.at))
+            at_host = self._master_to_host(pb.at)
+            log.info("%s at frame %d in %.3f s", pb.state, pb.frame, at_host - time.monotonic())
+            self.sink.stop(at_host)
         else:
             self.sink.stop()
 

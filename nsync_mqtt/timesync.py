@@ -23,7 +23,7 @@ with two time scales:
   1-3 ms loopback round trips the middle of the distribution still carries information.
 * **Rate** ``b``: the master's drift relative to the node (crystals differ by up to ~100 ppm,
   which is 0.1 ms per second). It changes only with temperature, so it is measured over a much
-  longer span than the offset: every ``window // 2`` samples the weighted centroid of that block
+  longer span than the offset: every ``window // 4`` samples the weighted centroid of that block
   is kept as an anchor (a centroid lies on the true line whatever the slope, and is far less
   noisy than one sample), and ``b`` is the Theil-Sen slope (median of pairwise slopes, robust to
   a block spoilt by a burst of load) over the last ``MAX_ANCHORS`` anchors. Until the anchors
@@ -56,7 +56,7 @@ RTT_CUTOFF_S = 0.002
 MIN_FIT_SPAN_S = 2.0
 """The window must span this much node time before a slope is fitted from it."""
 MAX_ANCHORS = 32
-"""Block centroids kept for the rate (32 blocks of 32 pings at 0.1 s: about 100 s)."""
+"""Block centroids kept for the rate (32 blocks of 16 pings at 0.1 s: about 50 s)."""
 
 
 @dataclass(frozen=True)
@@ -70,12 +70,12 @@ class Sample:
 
 def _weights(samples: Sequence[Sample], rtt_min: float) -> list[float]:
     cutoff = rtt_min + max(RTT_CUTOFF_S, rtt_min)
-    return [
-        0.0 if s.rtt > cutoff else 1.0 / (s.rtt - rtt_min + RTT_FLOOR_S) ** 2 for s in samples
-    ]
+    return [0.0 if s.rtt > cutoff else 1.0 / (s.rtt - rtt_min + RTT_FLOOR_S) ** 2 for s in samples]
 
 
-def _centroid(samples: Sequence[Sample], weights: Sequence[float], t_ref: float) -> tuple[float, float]:
+def _centroid(
+    samples: Sequence[Sample], weights: Sequence[float], t_ref: float
+) -> tuple[float, float]:
     """Weighted mean of (t_local - t_ref, offset)."""
     total = math.fsum(weights)
     t = math.fsum(w * (s.t_local - t_ref) for s, w in zip(samples, weights, strict=True)) / total
@@ -94,7 +94,9 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float:
 class ClockEstimator:
     """Estimates ``master_clock - node_clock`` as a line in node time; see the module docstring."""
 
-    def __init__(self, window: int = 64, calibration_samples: int = 8, max_rtt_s: float = 0.5) -> None:
+    def __init__(
+        self, window: int = 64, calibration_samples: int = 8, max_rtt_s: float = 0.5
+    ) -> None:
         if window < 2:
             raise ValueError(f"window must be at least 2, got {window}")
         if calibration_samples < 1:
@@ -140,8 +142,11 @@ class ClockEstimator:
         block = list(self._samples)[-self._since_anchor :]
         self._since_anchor = 0
         rtt_min = min(s.rtt for s in self._samples)
+        weights = _weights(block, rtt_min)
+        if not any(weights):
+            return  # a block of nothing but slow round trips says nothing about the rate
         t_ref = block[-1].t_local
-        t, o = _centroid(block, _weights(block, rtt_min), t_ref)
+        t, o = _centroid(block, weights, t_ref)
         self._anchors.append((t_ref + t, o))
         self._anchor_rate = self._theil_sen() if len(self._anchors) >= 3 else None
 

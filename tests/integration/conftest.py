@@ -2,7 +2,9 @@
 
 - ``amqtt_broker`` / ``mosquitto_broker``: one broker process per test session.
 - ``broker_url``: parametrized over both brokers, yields ``mqtt://127.0.0.1:PORT``.
-- ``broker_factory``: starts private broker processes a test may kill and restart.
+- ``broker_factory``: starts private broker processes a test may kill and restart;
+  ``broker_kind`` parametrizes a test over the kinds it can start.
+- ``unused_port``: a loopback port nothing listens on (from ``free_port()``).
 Tests sharing a session broker use topics of their own (see ``unique_topic``).
 """
 
@@ -142,6 +144,17 @@ def broker_url(request: pytest.FixtureRequest) -> str:
     """``mqtt://127.0.0.1:PORT`` of a running session broker, once per broker kind."""
     broker: BrokerProcess = request.getfixturevalue(f"{request.param}_broker")
     return broker.url
+
+
+@pytest.fixture(params=BROKER_KINDS)
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    """``"amqtt"`` or ``"mosquitto"``, for tests that start private brokers with broker_factory."""
+    return str(request.param)
+
+
+@pytest.fixture
+def unused_port() -> int:
+    return free_port()
 
 
 @pytest.fixture

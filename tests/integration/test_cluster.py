@@ -1,0 +1,234 @@
+"""A real cluster: a real broker (amqtt and Mosquitto), three real `nsync node` processes with
+virtual sinks and clocks set hours apart with ±50 ppm drift. The sink logs are the ground truth
+of what each node played and when."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nsync_mqtt import sinklog
+from nsync_mqtt.client import NSyncClient
+from nsync_mqtt.playlist import RATE
+from nsync_mqtt.replication import sha224_file
+from nsync_mqtt.testing import NodeCluster, NodeSpec
+from nsync_mqtt.tones import make_tone_wav
+
+pytestmark = pytest.mark.integration
+
+SKEW_TOLERANCE_NS = 5_000_000  # "within a few ms" on a loaded 2-core machine
+SPECS = [
+    NodeSpec("n1", clock_offset=0.0, clock_drift_ppm=0.0),
+    NodeSpec("n2", clock_offset=7200.25, clock_drift_ppm=50.0),
+    NodeSpec("n3", clock_offset=-3600.5, clock_drift_ppm=-50.0),
+]
+
+
+def wait_for(pred: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@pytest.fixture(params=["amqtt", "mosquitto"])
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NodeCluster]:
+    broker = request.getfixturevalue(f"{request.param}_broker")
+    c = NodeCluster(
+        broker.url,
+        tmp_path / "cluster",
+        SPECS,
+        cluster=f"t{uuid.uuid4().hex[:8]}",
+        timing={"upload_idle_timeout_s": 1.0},
+        settings={"max_song_mb": 2},
+    )
+    c.start()
+    try:
+        c.wait_ready()
+        yield c
+    finally:
+        codes = c.stop()
+        assert all(code == 0 for code in codes.values()), f"unclean exit {codes}\n{c.logs_tail()}"
+
+
+@pytest.fixture
+def client(cluster: NodeCluster) -> Iterator[NSyncClient]:
+    c = cluster.client(timeout=5.0)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def tone(tmp_path: Path, name: str, seconds: float, freq: float) -> Path:
+    path = tmp_path / f"{name}.wav"
+    path.write_bytes(make_tone_wav(seconds, freq, name))
+    return path
+
+
+def ok(reply: dict[str, Any]) -> dict[str, Any]:
+    assert reply["success"], reply
+    assert set(reply) >= {"success", "command", "params", "msg", "client_req_id"}
+    return reply
+
+
+def logs(cluster: NodeCluster) -> dict[str, list[sinklog.Block]]:
+    return {n: sinklog.read_log(cluster.sink_log(n)) for n in cluster.specs}
+
+
+def ranges(cluster: NodeCluster, song: str) -> dict[str, list[tuple[int, int, int]]]:
+    return {n: sinklog.played_ranges(b, song) for n, b in logs(cluster).items()}
+
+
+def assert_in_sync(cluster: NodeCluster, song: str) -> list[tuple[int, int, int]]:
+    """Every node played the same frame ranges of `song`, starting together."""
+    per_node = ranges(cluster, song)
+    ref = per_node["n1"]
+    assert ref, f"n1 never played {song[:8]}"
+    for node, rs in per_node.items():
+        assert len(rs) == len(ref), f"{node} played {rs}, n1 played {ref}"
+        for (f0, f1, t0), (g0, g1, u0) in zip(ref, rs, strict=True):
+            assert f0 == g0, f"{node} started a range at frame {g0}, n1 at {f0}"
+            assert abs(f1 - g1) <= RATE * SKEW_TOLERANCE_NS / 1e9, (node, f1, g1)
+            assert abs(t0 - u0) <= SKEW_TOLERANCE_NS, f"{node} skew {(u0 - t0) / 1e6:.3f} ms"
+    blocks = logs(cluster)
+    frames = [r[0] + 4410 for r in ref if r[1] - r[0] > 8820]
+    skew = sinklog.max_skew(blocks, song, frames)
+    assert skew is None or skew <= SKEW_TOLERANCE_NS, f"skew {skew / 1e6:.3f} ms"
+    return ref
+
+
+def test_commands_play_in_sync(cluster: NodeCluster, client: NSyncClient, tmp_path: Path) -> None:
+    a = tone(tmp_path, "Song A", 4.0, 440.0)
+    b = tone(tmp_path, "Song B", 4.0, 660.0)
+    ha, hb = sha224_file(a), sha224_file(b)
+
+    loaded = ok(client.load_song(a))
+    assert loaded["params"]["song"] == ha
+    ok(client.enqueue_song(a))
+    ok(client.enqueue_song(b))  # a file not yet loaded: loaded, then enqueued
+    with cluster.watch() as w:
+        wait_for(
+            lambda: (
+                all(
+                    ha in s.get("songs", []) and hb in s.get("songs", [])
+                    for s in w.node_states().values()
+                )
+                and len(w.node_states()) == 3
+            ),
+            10,
+            "all nodes to hold both songs",
+        )
+    status = ok(client.status())
+    assert status["state"]["playlist"] == [ha, hb]
+    assert status["state"]["playback"] == "idle"
+
+    ok(client.play())
+    time.sleep(0.8)
+    ok(client.pause())
+    st = ok(client.status())["state"]
+    assert st["playback"] == "paused"
+    paused_at = st["position"]
+    time.sleep(0.3)
+    ok(client.play())  # resume
+    time.sleep(0.5)
+    ok(client.seek(2.5))
+    time.sleep(0.5)
+    ok(client.forward())
+    time.sleep(0.6)
+    assert ok(client.status())["state"]["song"] == hb
+    ok(client.backward())  # early in B: back to A from its start
+    time.sleep(0.6)
+    assert ok(client.status())["state"]["song"] == ha
+    ok(client.volume(30))
+    assert ok(client.status())["state"]["volume"] == 30
+    ok(client.volume("+5"))
+    ok(client.stop())
+    st = ok(client.status())["state"]
+    assert (st["playback"], st["volume"], st["position"]) == ("idle", 35, 0.0)
+    time.sleep(0.3)  # the stop instant lies a lead time ahead
+
+    ra = assert_in_sync(cluster, ha)
+    rb = assert_in_sync(cluster, hb)
+    # A: play from 0, paused, resumed where it paused, then a seek to 2.5 s, later A again from 0
+    tolerance = RATE * SKEW_TOLERANCE_NS // 1_000_000_000
+    assert ra[0][0] == 0 and abs(ra[1][0] - ra[0][1]) <= tolerance, ra  # resumed where it paused
+    assert abs(ra[0][1] / RATE - paused_at) < 0.05
+    assert ra[2][0] == int(2.5 * RATE)
+    assert ra[-1][0] == 0 and len(ra) == 4
+    assert rb[0][0] == 0 and len(rb) == 1
+    # nothing plays after the stop
+    for blocks in logs(cluster).values():
+        assert blocks[-1].t_ns < time.monotonic_ns()
+
+
+def test_song_end_advances_to_next(
+    cluster: NodeCluster, client: NSyncClient, tmp_path: Path
+) -> None:
+    short = tone(tmp_path, "Short", 1.2, 500.0)
+    nxt = tone(tmp_path, "Next", 2.0, 700.0)
+    ok(client.enqueue_song(short))
+    ok(client.enqueue_song(nxt))
+    ok(client.play())
+    hn = sha224_file(nxt)
+    wait_for(lambda: client.status()["state"]["song"] == hn, 10, "the next song to start")
+    time.sleep(2.5)
+    st = ok(client.status())["state"]
+    assert st["playback"] == "idle" and st["song"] is None  # the playlist ended
+    hs = sha224_file(short)
+    rs = assert_in_sync(cluster, hs)
+    assert rs[0][:2] == (0, int(1.2 * RATE))  # every frame of the short song was played
+    rn = assert_in_sync(cluster, hn)
+    assert rn[0][:2] == (0, int(2.0 * RATE))
+    # and after the end: play starts the playlist again from the top
+    ok(client.play())
+    assert ok(client.status())["state"]["song"] == hs
+    ok(client.stop())
+
+
+def test_speaker_that_missed_commands_resyncs(
+    cluster: NodeCluster, client: NSyncClient, tmp_path: Path
+) -> None:
+    import signal
+
+    with cluster.watch() as w:
+        master = wait_for(
+            lambda: next(
+                (n for n, s in w.node_states().items() if s.get("role") == "master"), None
+            ),
+            5,
+            "a master",
+        )
+        speaker = next(n for n in cluster.specs if n != master)
+        songs = [tone(tmp_path, f"S{i}", 1.0, 300.0 + 50 * i) for i in range(3)]
+        for s in songs:
+            ok(client.load_song(s))
+        cluster.procs[speaker].send_signal(signal.SIGSTOP)
+        try:
+            # hung long enough for the broker to drop it: it misses the enqueues for good
+            wait_for(lambda: w.get(f"node/{speaker}/status") == b"offline", 20, "the will")
+            for s in songs:
+                ok(client.enqueue_song(s))  # the two others are a quorum
+        finally:
+            cluster.procs[speaker].send_signal(signal.SIGCONT)
+        want = ok(client.status())["state"]["playlist"]
+        assert len(want) == 3
+
+        def caught_up() -> bool:
+            states = w.node_states()
+            return states.get(speaker, {}).get("playlist_hash") == states[master][
+                "playlist_hash"
+            ] and not states[speaker].get("recovering")
+
+        wait_for(caught_up, 10, f"{speaker} to pull the master's playlist")
+        ok(client.play())  # and the resynced speaker takes part
+        time.sleep(1.5)
+        assert_in_sync(cluster, sha224_file(songs[0]))
