@@ -96,10 +96,15 @@ class NSyncClient:
             return
         # ready only once the broker confirmed the subscriptions: a reply can then not be missed
         client.subscribe(
-            [(self.topics.reply(self.reply_to), 1), (self.topics.internal(f"xfer/{self.reply_to}"), 1)]
+            [
+                (self.topics.reply(self.reply_to), 1),
+                (self.topics.internal(f"xfer/{self.reply_to}"), 1),
+            ]
         )
 
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: Any, rcs: Any, props: Any) -> None:
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: Any, rcs: Any, props: Any
+    ) -> None:
         self._connected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
@@ -175,7 +180,7 @@ class NSyncClient:
         """Enqueue a loaded song by hash or exact title, or a file (loaded first if needed)."""
         text = os.fspath(song)
         path = Path(text)
-        if not HASH_RE.match(text) and path.is_file():
+        if not HASH_RE.fullmatch(text) and path.is_file():
             loaded = self.load_song(path, progress=progress)
             if not loaded["success"]:
                 return loaded

@@ -7,6 +7,7 @@ file. Every error is one line naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -72,9 +73,12 @@ def _as_float(key: str, v: Any) -> float:
     if isinstance(v, bool):
         raise ConfigError(f"{key}: must be a number, got {v!r}")
     try:
-        return float(v)
+        f = float(v)
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: must be a number, got {v!r}") from None
+    if not math.isfinite(f):
+        raise ConfigError(f"{key}: must be a finite number, got {v!r}")
+    return f
 
 
 def _as_int(key: str, v: Any, minimum: int = 1) -> int:
@@ -98,7 +102,7 @@ def _as_list(key: str, v: Any) -> list[str]:
 
 
 def _check_id(key: str, v: Any) -> str:
-    if not isinstance(v, str) or not ID_RE.match(v):
+    if not isinstance(v, str) or not ID_RE.fullmatch(v):
         raise ConfigError(f"{key}: must match [a-z0-9_-]+, got {v!r}")
     return v
 
@@ -155,6 +159,8 @@ def load_node_config(config_file: str | None, overrides: dict[str, Any]) -> Node
     if sink not in SINKS:
         raise ConfigError(f"sink: must be one of {', '.join(SINKS)}, got {sink!r}")
     sink_log = raw.get("sink_log")
+    if sink_log is not None and not isinstance(sink_log, str):
+        raise ConfigError(f"sink_log: must be a file path, got {sink_log!r}")
     seed = raw.get("seed")
     return NodeConfig(
         id=node_id,

@@ -17,20 +17,20 @@ from typing import Any
 from nsync_mqtt.errors import ProtocolError
 
 ENVELOPE_VERSION = 1
-ID_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
-HASH_RE = re.compile(r"^[0-9a-f]{56}$")
+ID_RE = re.compile(r"[a-z0-9_-]{1,64}")
+HASH_RE = re.compile(r"[0-9a-f]{56}")
 CHUNK_MAGIC = b"NSC1"
 _U32 = struct.Struct(">I")
 
 
 def check_id(value: object, what: str = "id") -> str:
-    if not isinstance(value, str) or not ID_RE.match(value):
+    if not isinstance(value, str) or not ID_RE.fullmatch(value):
         raise ProtocolError(f"{what} must match [a-z0-9_-]+ (1-64 chars), got {value!r}")
     return value
 
 
 def check_hash(value: object, what: str = "song hash") -> str:
-    if not isinstance(value, str) or not HASH_RE.match(value):
+    if not isinstance(value, str) or not HASH_RE.fullmatch(value):
         raise ProtocolError(f"{what} must be 56 lowercase hex digits (sha224), got {value!r}")
     return value
 

@@ -557,7 +557,10 @@ class Node:
                     self._want(pb.song, None)
             at_host = self._master_to_host(pb.at)
             log.info(
-                "play %s… from frame %d in %.3f s", pb.song[:12], pb.frame, at_host - time.monotonic()
+                "play %s… from frame %d in %.3f s",
+                pb.song[:12],
+                pb.frame,
+                at_host - time.monotonic(),
             )
             self.sink.play(pb.song, track, pb.frame, at_host)
             self.store.touch(pb.song, self.clock.now())

@@ -302,7 +302,7 @@ class SongStore:
             stale.unlink()
         self._sizes: dict[str, int] = {}
         for p in self._songs_dir.iterdir():
-            if HASH_RE.match(p.name) and p.is_file():
+            if HASH_RE.fullmatch(p.name) and p.is_file():
                 self._sizes[p.name] = p.stat().st_size
         self._last_used = self._load_lru()
         self._lru_dirty = False
@@ -485,7 +485,7 @@ class SongStore:
         found: list[Manifest] = []
         for have in sorted(self._partial_dir.glob("*.have")):
             song = have.name.removesuffix(".have")
-            if not HASH_RE.match(song):
+            if not HASH_RE.fullmatch(song):
                 continue
             asm = self._assemblies.get(song)
             if asm is not None:

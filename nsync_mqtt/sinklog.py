@@ -83,15 +83,27 @@ def skew_ns(log_a: Iterable[Block], log_b: Iterable[Block], song: str, k: int) -
     return None if ta is None or tb is None else ta - tb
 
 
-def played_ranges(blocks: Iterable[Block], song: str) -> list[tuple[int, int, int]]:
-    """``(first_frame, end_frame_exclusive, t_start_ns)`` runs of contiguous blocks of ``song``."""
+def played_ranges(
+    blocks: Iterable[Block], song: str, tolerance_ns: int = 1_000_000
+) -> list[tuple[int, int, int]]:
+    """``(first_frame, end_frame_exclusive, t_start_ns)`` runs of contiguous blocks of ``song``.
+
+    Blocks are contiguous when the next one continues both the frames and the time (within
+    ``tolerance_ns``): a pause resumed at the same frame starts a new run.
+    """
     out: list[tuple[int, int, int]] = []
     prev: Block | None = None
     for b in blocks:
         if b.song != song:
             prev = None
             continue
-        if prev is not None and out and b.frame == prev.end_frame:
+        prev_end_ns = prev.t_ns + prev.frames * 1_000_000_000 // prev.rate if prev else 0
+        if (
+            prev is not None
+            and out
+            and b.frame == prev.end_frame
+            and abs(b.t_ns - prev_end_ns) <= tolerance_ns
+        ):
             first, _, t0 = out[-1]
             out[-1] = (first, b.end_frame, t0)
         else:

@@ -1,7 +1,8 @@
 """Timing constants, in one place, with units in their names.
 
 Relations that must hold (checked by ``Timing.validate``):
-- heartbeat_interval_s is well below election_timeout_min_s (about a tenth), so a few lost
+- heartbeat_interval_s is well below election_timeout_min_s (a tenth by default, at
+  most a third), so a few lost
   heartbeats never start an election;
 - election_timeout_min_s < election_timeout_max_s (the random spread avoids split votes);
 - ack_timeout_s is below the client's default timeout (3 s), so the client hears the failure
@@ -12,6 +13,7 @@ Relations that must hold (checked by ``Timing.validate``):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 from nsync_mqtt.errors import ConfigError
@@ -34,7 +36,7 @@ class Timing:
     def validate(self) -> Timing:
         for f in fields(self):
             v = getattr(self, f.name)
-            if not isinstance(v, (int, float)) or v <= 0:
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ConfigError(f"{f.name}: must be a positive number, got {v!r}")
         if self.heartbeat_interval_s * 3 > self.election_timeout_min_s:
             raise ConfigError(

@@ -275,31 +275,23 @@ def test_parse_host_port() -> None:
         parse_host_port("listen", "host:65536")
 
 
-# --- found defects (xfail until fixed) --------------------------------------------------------
+# --- regressions: defects found and fixed --------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="config.py: sink_log is passed to Path() unchecked; raises TypeError"
-)
 def test_sink_log_that_is_not_a_string_is_a_config_error(tmp_path: Path) -> None:
     assert config_error(write(tmp_path, "id: a\nsink_log: 5\n"), {}).startswith("sink_log:")
 
 
-@pytest.mark.xfail(strict=True, reason="config.py: _as_float accepts nan and inf")
 @pytest.mark.parametrize("value", [".nan", ".inf"])
 def test_clock_offset_must_be_finite(tmp_path: Path, value: str) -> None:
     path = write(tmp_path, f"id: a\nclock_offset: {value}\n")
     assert config_error(path, {}).startswith("clock_offset:")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="timing.py: Timing.validate lets NaN through (nan <= 0 is False)"
-)
 def test_timing_value_must_not_be_nan(tmp_path: Path) -> None:
     path = write(tmp_path, "id: a\ntiming: {ack_timeout_s: .nan}\n")
     assert "ack_timeout_s:" in config_error(path, {})
 
 
-@pytest.mark.xfail(strict=True, reason="messages.ID_RE ends in '$': a trailing newline passes")
 def test_id_with_a_trailing_newline_is_refused() -> None:
     assert config_error(None, {"id": "a\n"}).startswith("id:")

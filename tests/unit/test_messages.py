@@ -245,7 +245,7 @@ def test_verb_of_another_topic_is_none(topic: str) -> None:
     assert Topics("home").verb_of(topic) is None
 
 
-# --- found defects (xfail until fixed) --------------------------------------------------------
+# --- regressions: defects found and fixed --------------------------------------------------------
 
 TRAILING_NEWLINE = (
     "messages.py: ID_RE/HASH_RE end in '$', which also matches before a trailing newline; "
@@ -253,19 +253,16 @@ TRAILING_NEWLINE = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=TRAILING_NEWLINE)
 def test_check_id_refuses_a_trailing_newline() -> None:
     with pytest.raises(ProtocolError):
         check_id("a\n")
 
 
-@pytest.mark.xfail(strict=True, reason=TRAILING_NEWLINE)
 def test_check_hash_refuses_a_trailing_newline() -> None:
     with pytest.raises(ProtocolError):
         check_hash(SONG + "\n")
 
 
-@pytest.mark.xfail(strict=True, reason=TRAILING_NEWLINE)
 def test_envelope_src_with_a_trailing_newline_is_refused() -> None:
     with pytest.raises(ProtocolError):
         decode(envelope(src="a\n"))
