@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import json
 import logging
 import random
@@ -238,9 +239,8 @@ class Node:
     async def _shutdown(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2.0)
         self.bus.publish(self.topics.node_status(self.cfg.id), b"offline", retain=True)
         if self.is_master:
             self.bus.publish(self.topics.status, b"offline", retain=True)
@@ -272,7 +272,7 @@ class Node:
             delay = max(0.0, self.election.deadline() - self.clock.now())
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 1.0))
+                await wait_event(self._wake, min(delay, 1.0))
 
     async def _ping_loop(self) -> None:
         while True:
@@ -873,7 +873,7 @@ class Node:
                 while not self.store.has(song):
                     ev.clear()
                     try:
-                        await asyncio.wait_for(ev.wait(), self.timing.upload_idle_timeout_s)
+                        await wait_event(ev, self.timing.upload_idle_timeout_s)
                     except TimeoutError:
                         got = asm.received_count
                         if got == last and not self.store.has(song):
@@ -889,7 +889,7 @@ class Node:
             while song in self._decoding:
                 ev.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(ev.wait(), 1.0)
+                    await wait_event(ev, 1.0)
             if not self.store.has(song):
                 self._reply(req, False, "not a playable song: it cannot be decoded")
                 return
@@ -908,7 +908,7 @@ class Node:
                     return
                 ev.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(ev.wait(), 1.0)
+                    await wait_event(ev, 1.0)
             self._reply(req, True, f"loaded {title} on {len(self.holders[song])} nodes")
         finally:
             self.song_events.pop(song, None)
@@ -1010,6 +1010,13 @@ class Node:
         self.bus.publish(self.topics.node_state(self.cfg.id), payload, retain=True)
 
 
+async def wait_event(event: asyncio.Event, timeout_s: float) -> None:
+    """Wait for `event`, raising TimeoutError after `timeout_s`. (asyncio.wait_for can swallow a
+    cancellation on Python 3.11 when the event fires at the same moment; asyncio.timeout cannot.)"""
+    async with asyncio.timeout(timeout_s):
+        await event.wait()
+
+
 def _sniff_reply_to(payload: bytes) -> str | None:
     try:
         obj = json.loads(payload)
@@ -1023,6 +1030,8 @@ def _sniff_reply_to(payload: bytes) -> str | None:
 
 def run_node(cfg: NodeConfig) -> int:
     """Blocking entry point of `nsync node`: runs until SIGINT/SIGTERM."""
+
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` dumps every thread's stack
 
     async def main() -> None:
         node = Node(cfg)

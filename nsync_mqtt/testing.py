@@ -145,6 +145,8 @@ class NodeCluster:
             try:
                 proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGUSR1)  # stacks into the node's log, then kill
+                time.sleep(0.5)
                 proc.kill()
                 proc.wait()
         return proc.returncode

@@ -1,0 +1,213 @@
+"""Shared helpers of the NSync benchmarks: a broker process on loopback, percentiles, tables,
+machine facts and the JSON result files in bench/results/.
+
+Every process a benchmark uses is started here or by ``nsync_mqtt.testing.NodeCluster`` and is
+stopped by its own handle; everything binds 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+MOSQUITTO = Path("/usr/sbin/mosquitto")
+MOSQUITTO_CONF = REPO / "config" / "mosquitto-test.conf"
+BROKERS = ("amqtt", "mosquitto")
+BROKER_START_TIMEOUT_S = 10.0
+
+if str(REPO) not in sys.path:  # run as `python bench/bench_X.py` from anywhere
+    sys.path.insert(0, str(REPO))
+
+from nsync_mqtt.testing import free_port  # noqa: E402
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class BrokerProcess:
+    """An amqtt or Mosquitto broker subprocess on a free loopback port."""
+
+    def __init__(self, kind: str, workdir: Path) -> None:
+        if kind not in BROKERS:
+            raise ValueError(f"unknown broker {kind!r}; one of {', '.join(BROKERS)}")
+        self.kind = kind
+        self.port = free_port()
+        self.workdir = Path(workdir)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = self.workdir / f"{kind}-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def _command(self) -> list[str]:
+        if self.kind == "amqtt":
+            code = (
+                "import sys; from nsync_mqtt.broker_embed import run_broker; "
+                f"sys.exit(run_broker('127.0.0.1', {self.port}, None))"
+            )
+            return [sys.executable, "-c", code]
+        if not MOSQUITTO.exists():
+            raise RuntimeError(f"mosquitto is not installed ({MOSQUITTO} missing)")
+        text = MOSQUITTO_CONF.read_text().replace(
+            "listener 1883 127.0.0.1", f"listener {self.port} 127.0.0.1"
+        )
+        if f"listener {self.port} 127.0.0.1" not in text:
+            raise RuntimeError(f"{MOSQUITTO_CONF} has no 'listener 1883 127.0.0.1' line")
+        conf = self.workdir / f"mosquitto-{self.port}.conf"
+        conf.write_text(text)
+        return [str(MOSQUITTO), "-c", str(conf)]
+
+    def start(self) -> BrokerProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self._command(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + BROKER_START_TIMEOUT_S
+        while not port_open(self.port):
+            if self.proc.poll() is not None:
+                self.proc = None
+                raise RuntimeError(f"{self.kind} exited at start:\n{self.log.read_text()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.kind} did not listen on {self.port} in time")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+    def version(self) -> str:
+        if self.kind == "amqtt":
+            return f"amqtt {metadata.version('amqtt')}"
+        out = subprocess.run([str(MOSQUITTO), "-h"], capture_output=True, text=True, check=False)
+        first = (out.stdout or out.stderr).splitlines()
+        return first[0].strip() if first else "mosquitto"
+
+    def __enter__(self) -> BrokerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def broker(kind: str, workdir: Path) -> Iterator[BrokerProcess]:
+    b = BrokerProcess(kind, workdir).start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between closest ranks (numpy's default)."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summary_ms(seconds: Sequence[float]) -> dict[str, float | int]:
+    """p50/p99/mean/min/max of durations given in seconds, in milliseconds."""
+    ms = [s * 1e3 for s in seconds]
+    return {
+        "n": len(ms),
+        "p50_ms": round(percentile(ms, 50), 3),
+        "p99_ms": round(percentile(ms, 99), 3),
+        "mean_ms": round(sum(ms) / len(ms), 3) if ms else math.nan,
+        "min_ms": round(min(ms), 3) if ms else math.nan,
+        "max_ms": round(max(ms), 3) if ms else math.nan,
+    }
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    debian = ""
+    with contextlib.suppress(OSError):
+        debian = Path("/etc/debian_version").read_text().strip()
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "os": f"Debian {debian}" if debian else platform.system(),
+        "kernel": platform.release(),
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_gib, 1),
+        "paho_mqtt": metadata.version("paho-mqtt"),
+        "network": "loopback (127.0.0.1)",
+    }
+
+
+def write_result(name: str, broker_kind: str, doc: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}-{broker_kind}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table, fit to print and to paste into docs."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+        return str(v)
+
+    text = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in text)) for i, h in enumerate(headers)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = [
+        "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in text
+    ]
+    return "\n".join([line, rule, *body])
+
+
+def arg_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--broker", choices=BROKERS, default="amqtt", help="broker to run against")
+    return p
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
