@@ -153,6 +153,10 @@ class Bus:
         self._subs: dict[str, int] = {}  # topic filter -> qos
         self._connected = False
         self._closing = False
+        # host monotonic time at which the message being handled was read off the socket (set
+        # before each handler runs, in the loop thread): clock sync stamps with it, so the
+        # hand-over from the network thread to the loop does not count as network delay
+        self.received_at = 0.0
         self._restore_mid: int | None = None
         self._url_index = 0
         self._down_since = time.monotonic()
@@ -250,9 +254,15 @@ class Bus:
             loop = self._loop
             if loop is None:
                 return
+            received = time.monotonic()
             try:
                 loop.call_soon_threadsafe(
-                    self._run_handler, handler, msg.topic, cast(bytes, msg.payload), msg.retain
+                    self._run_handler,
+                    handler,
+                    msg.topic,
+                    cast(bytes, msg.payload),
+                    msg.retain,
+                    received,
                 )
             except RuntimeError:  # loop closed while shutting down
                 pass
@@ -346,9 +356,12 @@ class Bus:
             except Exception:
                 log.exception("on_disconnect callback failed")
 
-    def _run_handler(self, handler: Handler, topic: str, payload: bytes, retain: bool) -> None:
+    def _run_handler(
+        self, handler: Handler, topic: str, payload: bytes, retain: bool, received: float
+    ) -> None:
         if self._closing:
             return
+        self.received_at = received
         try:
             handler(topic, payload, retain)
         except Exception:

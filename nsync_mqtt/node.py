@@ -403,13 +403,15 @@ class Node:
         if not self.is_master:
             return
         self.last_seen[msg.src] = now
-        self._send_to(msg.src, "pong", t1=msg.get("t1"), t2=now, t3=self.clock.now())
+        t2 = self.clock.from_host(self.bus.received_at)
+        self._send_to(msg.src, "pong", t1=msg.get("t1"), t2=t2, t3=self.clock.now())
 
     def _msg_pong(self, now: float, msg: Message) -> None:
         if msg.src != self.election.master or msg.term != self.election.term:
             return
         was = self.est.calibrated
-        self.est.add(float(msg.get("t1")), float(msg.get("t2")), float(msg.get("t3")), now)
+        t4 = self.clock.from_host(self.bus.received_at)
+        self.est.add(float(msg.get("t1")), float(msg.get("t2")), float(msg.get("t3")), t4)
         if not was and self.est.calibrated:
             log.info("clock calibrated against %s: %s", msg.src, self.est.stats())
             if self._sink_pending:
