@@ -629,6 +629,7 @@ class Node:
 
     def _song_arrived(self, song: str, upload_reply: bool = False) -> None:
         self.holders.setdefault(song, set()).add(self.cfg.id)
+        self._evict(keep=song)
         self._decode_in_background(song, upload_reply=upload_reply)
         self._publish_node_state(force=True)
         ev = self.song_events.get(song)
@@ -636,6 +637,17 @@ class Node:
             ev.set()
         if self.state.playback.song == song:
             self._drive_sink(force=True)
+
+    def _evict(self, keep: str) -> None:
+        """Keep the store under its cap: least recently used first, never a song in the
+        playlist, the one playing, or the one that just arrived."""
+        protected = {*self.state.playlist, keep}
+        if self.state.playback.song:
+            protected.add(self.state.playback.song)
+        for gone in self.store.evict(protected, self.clock.now()):
+            log.info("evicted song %s… (store over %d MB)", gone[:12], self.cfg.store_cap_mb)
+            self.pcm.remove(gone)
+            self.holders.get(gone, set()).discard(self.cfg.id)
 
     def _decode_in_background(self, song: str, upload_reply: bool = False) -> None:
         if song in self._decoding or self.loop is None:

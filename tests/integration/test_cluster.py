@@ -48,7 +48,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NodeClus
         SPECS,
         cluster=f"t{uuid.uuid4().hex[:8]}",
         timing={"upload_idle_timeout_s": 1.0},
-        settings={"max_song_mb": 2},
+        settings={"max_song_mb": 2, "store_cap_mb": 1},
     )
     c.start()
     try:
@@ -222,3 +222,24 @@ def test_speaker_that_missed_commands_resyncs(
         ok(client.play())  # and the resynced speaker takes part
         time.sleep(1.5)
         assert_in_sync(cluster, sha224_file(songs[0]))
+
+
+def test_store_evicts_least_recently_used_but_never_the_playlist(
+    cluster: NodeCluster, client: NSyncClient, tmp_path: Path
+) -> None:
+    a, b, c = (tone(tmp_path, name, 3.5, f) for name, f in (("EA", 400), ("EB", 500), ("EC", 600)))
+    ok(client.enqueue_song(a))  # in the playlist: protected
+    ok(client.load_song(b))  # 1.2 MB held: over the 1 MB cap, but b just arrived
+    ok(client.load_song(c))  # 1.8 MB: b, used least recently and not in the playlist, goes
+    ha, hb, hc = map(sha224_file, (a, b, c))
+    with cluster.watch() as w:
+
+        def evicted() -> bool:
+            states = w.node_states()
+            return len(states) == 3 and all(
+                {ha, hc} <= set(s["songs"]) and hb not in s["songs"] for s in states.values()
+            )
+
+        wait_for(evicted, 10, "every node to evict the unprotected song")
+    refused = client.enqueue_song(hb)
+    assert not refused["success"] and "not loaded" in refused["msg"], refused
