@@ -70,6 +70,8 @@ VERBS = {
 UNKNOWN_FRAMES = 1 << 62  # a held song whose length is not known yet
 NODE_STATE_PERIOD_S = 1.0
 NODE_ALIVE_S = 3.0
+PING_BURST_SAMPLES = 32  # samples taken quickly after a master change ...
+PING_BURST_INTERVAL_S = 0.02  # ... at this interval
 
 
 def make_reply(
@@ -276,7 +278,9 @@ class Node:
 
     async def _ping_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.timing.ping_interval_s)
+            # a burst of quick pings after a (new) master: a good estimate within a second
+            burst = self.est.sample_count < PING_BURST_SAMPLES
+            await asyncio.sleep(PING_BURST_INTERVAL_S if burst else self.timing.ping_interval_s)
             master = self.election.master
             if master and master != self.cfg.id:
                 self._send("ping", t1=self.clock.now())
@@ -876,12 +880,14 @@ class Node:
             return
         song = manifest.song
         ev = self.song_events.setdefault(song, asyncio.Event())
+        xfer = self.topics.internal(f"xfer/{req.reply_to}")
         try:
-            if not self.store.has(song):
+            if self.store.has(song):  # nothing to send; the client now waits for replication
+                self.bus.publish(xfer, json.dumps({"song": song, "missing": []}).encode())
+            else:
                 asm = self.store.assembly(manifest)
                 self.bus.publish(
-                    self.topics.internal(f"xfer/{req.reply_to}"),
-                    json.dumps({"song": song, "missing": asm.missing()}).encode(),
+                    xfer, json.dumps({"song": song, "missing": asm.missing()}).encode()
                 )
                 last = asm.received_count
                 while not self.store.has(song):

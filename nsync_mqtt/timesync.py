@@ -212,6 +212,11 @@ class ClockEstimator:
             raise ValueError("no clock samples yet")
         return self._t_ref + (t_master - self._t_ref - self._a) / (1.0 + self._b)
 
+    @property
+    def sample_count(self) -> int:
+        """Samples in the window."""
+        return len(self._samples)
+
     def rtt_estimate(self) -> float | None:
         """90th percentile of the window's round trips: a slow-ish but typical rtt, or None."""
         if not self._samples:

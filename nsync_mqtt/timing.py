@@ -31,7 +31,6 @@ class Timing:
     lead_max_s: float = 1.0
     lead_rtt_factor: float = 4.0
     upload_idle_timeout_s: float = 5.0
-    finished_quorum_grace_s: float = 0.5
 
     def validate(self) -> Timing:
         for f in fields(self):
