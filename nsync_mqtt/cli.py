@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _setup_logging(verbose: bool) -> None:
+    verbose = verbose or os.environ.get("NSYNC_DEBUG", "") not in ("", "0")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

@@ -182,6 +182,7 @@ class Node:
         self.last_seen: dict[str, float] = {}
         self.finished: dict[tuple[int, str], set[str]] = {}
         self.song_events: dict[str, asyncio.Event] = {}
+        self.load_errors: dict[str, str] = {}
         self._published: dict[str, bytes] = {}
         self._node_state_sent = 0.0
         self._last_node_state: bytes | None = None
@@ -609,9 +610,17 @@ class Node:
             return
         try:
             header, data = decode_chunk(payload)
+        except ProtocolError as err:
+            log.warning("dropped a chunk: %s", err)
+            return
+        try:
             song, complete = self.store.add_chunk(header, data, self.clock.now())
         except (ProtocolError, OSError) as err:
             log.warning("dropped a chunk: %s", err)
+            claimed = header.get("song")
+            if isinstance(claimed, str) and claimed in self.song_events:
+                self.load_errors[claimed] = str(err)  # a load waits for it: tell the client
+                self.song_events[claimed].set()
             return
         if complete:
             self._song_arrived(song)
@@ -756,6 +765,7 @@ class Node:
         if retain or not self.is_master:
             return  # a retained command is never replayed; only the master serves
         verb = self.topics.verb_of(topic) or ""
+        log.debug("command %s: %r", verb, payload[:200])
         try:
             req = parse_command(verb, payload)
         except (ProtocolError, UnicodeDecodeError) as err:
@@ -833,6 +843,7 @@ class Node:
         self._reply(req, True, msg)
 
     def _reply(self, req: Request, success: bool, msg: str, **extra: Any) -> None:
+        log.debug("reply to %s %s: %s %s", req.reply_to, req.verb, success, msg)
         if req.reply_to is None:
             return
         self.bus.publish(
@@ -894,6 +905,10 @@ class Node:
                     ev.clear()
                     try:
                         await wait_event(ev, self.timing.upload_idle_timeout_s)
+                        error = self.load_errors.pop(song, None)
+                        if error is not None:
+                            self._reply(req, False, f"the song's bytes were refused: {error}")
+                            return
                     except TimeoutError:
                         got = asm.received_count
                         if got == last and not self.store.has(song):
@@ -932,6 +947,7 @@ class Node:
             self._reply(req, True, f"loaded {title} on {len(self.holders[song])} nodes")
         finally:
             self.song_events.pop(song, None)
+            self.load_errors.pop(song, None)
 
     # ------------------------------------------------------------------ published state
 

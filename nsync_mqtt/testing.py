@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,7 +219,7 @@ class Watcher:
         self.retained: dict[str, bytes] = {}
         self.base = f"nsync/{cluster}"
         url = parse_broker_url(broker_url)
-        self._client = new_paho_client(f"watch-{os.getpid()}-{id(self) & 0xFFFF:x}", url)
+        self._client = new_paho_client(f"watch-{uuid.uuid4().hex[:12]}", url)
         self._ready = threading.Event()
 
         def on_connect(c: Any, u: Any, f: Any, rc: Any, p: Any) -> None:
@@ -227,6 +227,8 @@ class Watcher:
             self._ready.set()
 
         def on_message(c: Any, u: Any, msg: Any) -> None:
+            if not msg.topic.startswith(f"{self.base}/"):
+                return  # amqtt also hands out retained messages of other subscriptions
             with self._lock:
                 self.retained[msg.topic] = msg.payload
 

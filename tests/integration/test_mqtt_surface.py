@@ -1,0 +1,375 @@
+"""The plain-MQTT contract (design §2.2) that Home Assistant and ``mosquitto_pub`` users rely on,
+exercised with a raw paho client against a real 3-node cluster on amqtt and Mosquitto: plain
+payloads, retained state topics, whole-file uploads, liveness topics and the reply object."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from nsync_mqtt.bus import new_paho_client, parse_broker_url
+from nsync_mqtt.client import NSyncClient
+from nsync_mqtt.messages import Topics
+from nsync_mqtt.testing import NodeCluster, NodeSpec, Watcher
+from nsync_mqtt.tones import make_tone_wav
+
+pytestmark = pytest.mark.integration
+
+SPECS = [NodeSpec("n1"), NodeSpec("n2"), NodeSpec("n3")]
+REPLY_KEYS = {"success", "command", "params", "msg", "client_req_id"}
+
+
+def wait_for(pred: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@dataclass(frozen=True)
+class Msg:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class Raw:
+    """A plain MQTT client, talking to NSync the way Home Assistant or mosquitto_pub do."""
+
+    def __init__(
+        self, broker_url: str, cluster: str, subscriptions: list[str], client_id: str = ""
+    ) -> None:
+        self.topics = Topics(cluster)
+        self.reply_to = client_id or f"raw-{uuid.uuid4().hex[:8]}"
+        self.url = parse_broker_url(broker_url)
+        self.messages: list[Msg] = []
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        subscribed = threading.Event()
+        self._client = new_paho_client(self.reply_to, self.url)
+        self._client.on_connect = lambda c, *_: c.subscribe([(t, 1) for t in subscriptions])
+        self._client.on_subscribe = lambda *_: subscribed.set()
+        self._client.on_message = self._on_message
+        self._client.connect_async(self.url.host, self.url.port)
+        self._client.loop_start()
+        assert subscribed.wait(5), "raw client could not subscribe"
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        with self._cond:
+            self.messages.append(Msg(msg.topic, bytes(msg.payload), bool(msg.retain)))
+            self._cond.notify_all()
+
+    def publish(self, topic: str, payload: bytes | str, retain: bool = False) -> None:
+        self._client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.messages)
+
+    def wait(
+        self, pred: Callable[[Msg], bool], what: str, since: int = 0, timeout_s: float = 5.0
+    ) -> Msg:
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                for m in self.messages[since:]:
+                    if pred(m):
+                        return m
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+                self._cond.wait(remaining)
+
+    def request(self, verb: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Publish a JSON command with reply_to and return the reply object."""
+        req_id = f"{self.reply_to}-{next(self._ids)}"
+        since = self.mark()
+        payload = {**(body or {}), "client_req_id": req_id, "reply_to": self.reply_to}
+        self.publish(self.topics.cmd(verb), json.dumps(payload))
+        topic = self.topics.reply(self.reply_to)
+        msg = self.wait(
+            lambda m: m.topic == topic and json.loads(m.payload).get("client_req_id") == req_id,
+            f"the reply to {verb}",
+            since,
+        )
+        reply: dict[str, Any] = json.loads(msg.payload)
+        return reply
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+@pytest.fixture(scope="module", params=["amqtt", "mosquitto"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    kind: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[NodeCluster]:
+    broker = request.getfixturevalue(f"{kind}_broker")
+    c = NodeCluster(
+        broker.url,
+        tmp_path_factory.mktemp("surface"),
+        SPECS,
+        cluster=f"t{uuid.uuid4().hex[:8]}",
+        timing={"upload_idle_timeout_s": 1.0},
+        settings={"max_song_mb": 2},
+    )
+    c.start()
+    try:
+        c.wait_ready()
+        yield c
+    finally:
+        codes = c.stop()
+        assert all(code == 0 for code in codes.values()), f"unclean exit {codes}\n{c.logs_tail()}"
+
+
+@pytest.fixture(scope="module")
+def client(cluster: NodeCluster) -> Iterator[NSyncClient]:
+    c = cluster.client(timeout=5.0)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def watcher(cluster: NodeCluster) -> Iterator[Watcher]:
+    with cluster.watch() as w:
+        yield w
+
+
+@pytest.fixture
+def raw(cluster: NodeCluster) -> Iterator[Raw]:
+    base = f"nsync/{cluster.cluster}"
+    r = Raw(cluster.broker_url, cluster.cluster, [f"{base}/reply/#", f"{base}/node/+/status"])
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+@pytest.fixture(scope="module")
+def song(
+    cluster: NodeCluster, client: NSyncClient, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """A 3 s tone, loaded on the cluster and slotted as the current song."""
+    path = tmp_path_factory.mktemp("songs") / "surface.wav"
+    path.write_bytes(make_tone_wav(3.0, 440.0, "Surface Tone"))
+    song = str(ok(client.load_song(path))["params"]["song"])
+    ok(client.enqueue_song(song))
+    return song
+
+
+def ok(reply: dict[str, Any]) -> dict[str, Any]:
+    assert reply["success"] is True, reply
+    return reply
+
+
+def master_of(watcher: Watcher) -> str:
+    states = watcher.node_states()
+    masters = [n for n, s in states.items() if s.get("role") == "master"]
+    assert len(masters) == 1, states
+    return masters[0]
+
+
+def retained_value(watcher: Watcher, field: str, want: bytes) -> bool:
+    return watcher.get(f"state/{field}") == want
+
+
+def test_status_and_node_topics_describe_the_cluster(
+    cluster: NodeCluster, watcher: Watcher
+) -> None:
+    wait_for(lambda: watcher.get("status") == b"online", 5, "status online")
+    online = [f"node/{n}/status" for n in cluster.specs]
+    wait_for(lambda: all(watcher.get(t) == b"online" for t in online), 5, "every node online")
+    wait_for(lambda: len(watcher.node_states()) == len(cluster.specs), 5, "every node's state")
+    states = watcher.node_states()
+    for node, st in states.items():
+        assert {"role", "term", "clock", "songs"} <= set(st), (node, st)
+        assert st["role"] in {"master", "follower"}, (node, st)
+        assert isinstance(st["term"], int) and st["term"] >= 1
+        assert isinstance(st["clock"], dict) and isinstance(st["songs"], list)
+    master = master_of(watcher)
+    assert len({st["term"] for st in states.values()}) == 1, states
+    assert watcher.json("state")["master"] == master
+    assert watcher.get("state/master") == master.encode()
+
+
+def test_plain_volume_payloads_update_retained_state(
+    client: NSyncClient, raw: Raw, watcher: Watcher
+) -> None:
+    ok(client.volume(40))
+    wait_for(lambda: retained_value(watcher, "volume", b"40"), 5, "volume 40")
+    for payload, want in ((b"75", 75), (b"+5", 80), (b"-10", 70)):
+        raw.publish(raw.topics.cmd("volume"), payload)  # no reply_to: the state is the answer
+
+        def applied(want: int = want) -> bool:
+            return (
+                retained_value(watcher, "volume", str(want).encode())
+                and watcher.json("state")["volume"] == want
+            )
+
+        wait_for(applied, 5, f"retained volume {want} after {payload!r}")
+
+
+def test_empty_payload_play_and_pause(
+    song: str, client: NSyncClient, raw: Raw, watcher: Watcher
+) -> None:
+    wait_for(lambda: retained_value(watcher, "song", song.encode()), 5, "the slotted song")
+    try:
+        raw.publish(raw.topics.cmd("play"), b"")
+        wait_for(lambda: retained_value(watcher, "playback", b"playing"), 5, "playing")
+        state = watcher.json("state")
+        assert (state["playback"], state["song"], state["title"]) == (
+            "playing",
+            song,
+            "Surface Tone",
+        )
+        raw.publish(raw.topics.cmd("pause"), b"")
+        wait_for(lambda: retained_value(watcher, "playback", b"paused"), 5, "paused")
+        assert watcher.json("state")["playback"] == "paused"
+    finally:
+        client.stop()
+    wait_for(lambda: retained_value(watcher, "playback", b"idle"), 5, "idle after stop")
+
+
+def retained_command_is_held(cluster: NodeCluster, verb: str, payload: bytes) -> None:
+    """A newly connecting subscriber is handed ``payload`` as a retained command."""
+    probe = Raw(cluster.broker_url, cluster.cluster, [f"nsync/{cluster.cluster}/cmd/{verb}"])
+    try:
+        got = probe.wait(lambda m: m.topic.endswith(f"/cmd/{verb}"), "the retained command")
+        assert (got.payload, got.retain) == (payload, True)
+    finally:
+        probe.close()
+
+
+def test_retained_command_does_not_replay_to_a_connecting_node(
+    kind: str, cluster: NodeCluster, client: NSyncClient, raw: Raw, watcher: Watcher
+) -> None:
+    ok(client.volume(20))
+    topic = raw.topics.cmd("volume")
+    raw.publish(topic, b"+7", retain=True)
+    try:
+        retained_command_is_held(cluster, "volume", b"+7")
+        before = ok(raw.request("status"))["state"]["volume"]
+        # a restarted node subscribes afresh and is handed the retained command
+        speaker = next(n for n in cluster.specs if n != master_of(watcher))
+        since = raw.mark()
+        assert cluster.stop_node(speaker) == 0
+        cluster.start_node(speaker)
+        raw.wait(
+            lambda m: m.topic.endswith(f"/node/{speaker}/status") and m.payload == b"online",
+            f"{speaker} back online",
+            since,
+            15,
+        )
+        cluster.wait_ready()
+        if kind == "mosquitto":
+            # a second connection with the master's client id makes Mosquitto drop the master;
+            # it reconnects and re-subscribes, still master, and is handed the retained command
+            master = master_of(watcher)
+            since = raw.mark()
+            imposter = new_paho_client(f"nsync-{cluster.cluster}-{master}", raw.url)
+            imposter.connect(raw.url.host, raw.url.port)
+            imposter.disconnect()
+            raw.wait(
+                lambda m: m.topic.endswith(f"/node/{master}/status") and m.payload == b"online",
+                f"{master} reconnected",
+                since,
+            )
+        after = ok(raw.request("status"))["state"]
+        assert after["volume"] == before
+        assert watcher.json("state")["volume"] == before
+    finally:
+        raw.publish(topic, b"", retain=True)  # clear the retained command
+
+
+def test_whole_file_upload_then_enqueue_by_title(
+    cluster: NodeCluster, raw: Raw, watcher: Watcher
+) -> None:
+    title = f"Upload {uuid.uuid4().hex[:6]}"
+    data = make_tone_wav(1.5, 587.0, title, "Surface Artist")
+    since = raw.mark()
+    raw.publish(raw.topics.upload, data)
+    msg = raw.wait(lambda m: m.topic == raw.topics.reply("upload"), "the upload reply", since, 10)
+    reply = json.loads(msg.payload)
+    assert set(reply) == REPLY_KEYS, reply
+    assert reply["success"] is True and reply["command"] == "upload", reply
+    assert title in reply["msg"]
+    song = reply["params"]["song"]
+    assert reply["params"] == {"song": song, "size": len(data)}
+
+    def listed() -> dict[str, Any] | None:
+        return next((e for e in watcher.json("library") or [] if e["hash"] == song), None)
+
+    entry = wait_for(listed, 5, "the song in the retained library")
+    assert (entry["title"], entry["artist"], entry["size"]) == (title, "Surface Artist", len(data))
+    assert entry["duration"] == pytest.approx(1.5, abs=0.01)
+
+    def playlist() -> list[str]:
+        return list(json.loads(watcher.get("state/playlist") or b"[]"))
+
+    already = playlist().count(song)
+    raw.publish(raw.topics.cmd("enqueue"), title.encode())  # a plain title, as mosquitto_pub -m
+    wait_for(lambda: playlist().count(song) == already + 1, 5, "the title in the playlist")
+    reply = ok(raw.request("enqueue", {"song": title}))
+    assert reply["params"] == {"song": title}
+    assert playlist().count(song) == already + 2
+    assert watcher.json("state")["playlist"] == playlist()
+
+
+def test_reply_objects_have_exactly_the_documented_keys(raw: Raw) -> None:
+    status = ok(raw.request("status"))
+    assert set(status) == REPLY_KEYS | {"state"}
+    assert status["command"] == "status" and isinstance(status["msg"], str)
+    assert status["client_req_id"].startswith(raw.reply_to)
+    assert isinstance(status["state"], dict)
+
+    failed = raw.request("volume", {"volume": 900})
+    assert set(failed) == REPLY_KEYS
+    assert failed["success"] is False and failed["command"] == "volume"
+    assert failed["params"] == {"volume": 900}
+
+    unknown = raw.request("dance", {"arg": "now"})
+    assert set(unknown) == REPLY_KEYS
+    assert unknown["success"] is False and unknown["command"] == "dance"
+
+    since = raw.mark()
+    bad = {"client_req_id": {"n": 1}, "reply_to": raw.reply_to}
+    raw.publish(raw.topics.cmd("play"), json.dumps(bad))
+    msg = raw.wait(lambda m: m.topic == raw.topics.reply(raw.reply_to), "the bad reply", since)
+    refused = json.loads(msg.payload)
+    assert set(refused) == REPLY_KEYS
+    assert refused["success"] is False and refused["command"] == "play"
+    assert "client_req_id" in refused["msg"]
+
+
+def test_node_status_goes_offline_when_its_node_stops(
+    cluster: NodeCluster, raw: Raw, watcher: Watcher
+) -> None:
+    """Runs last: it stops two of the three nodes."""
+    master = master_of(watcher)
+    speaker = next(n for n in cluster.specs if n != master)
+    others = [n for n in cluster.specs if n != speaker]
+    assert cluster.stop_node(speaker) == 0
+    wait_for(lambda: watcher.get(f"node/{speaker}/status") == b"offline", 5, f"{speaker} offline")
+    assert all(watcher.get(f"node/{n}/status") == b"online" for n in others)
+    assert ok(raw.request("status"))["state"]["master"] == master  # the quorum still serves
+    assert cluster.stop_node(master) == 0
+    wait_for(lambda: watcher.get(f"node/{master}/status") == b"offline", 5, f"{master} offline")
+    wait_for(lambda: watcher.get("status") == b"offline", 5, "cluster status offline")
