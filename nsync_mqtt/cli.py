@@ -39,6 +39,11 @@ def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--broker", action="append", help="mqtt://[user:pass@]host:port (repeat for failover)"
     )
     p.add_argument("--embed-broker", metavar="HOST:PORT", help="also run an embedded broker here")
+    p.add_argument(
+        "--embed-broker-password-file",
+        metavar="FILE",
+        help="user:argon2-hash lines for the embedded broker (see nsync_mqtt.broker_embed)",
+    )
     p.add_argument("--data-dir", help="where songs and decoded audio are kept")
     p.add_argument("--sink", help="simpleaudio (default), virtual or none")
     p.add_argument("--sink-log", help="JSON-lines log of the virtual sink")
@@ -67,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--listen", default="127.0.0.1:1883", metavar="HOST:PORT")
     b.add_argument("--config", help="YAML file with listen and password_file")
     b.add_argument("--password-file", help="user:argon2-hash lines; anonymous clients refused")
+    b.add_argument(
+        "--add-user",
+        metavar="USER",
+        help="add USER (password from the prompt or stdin) to --password-file and exit",
+    )
     d = sub.add_parser("demo", help="a 3-node cluster on this machine, with a live table")
     d.add_argument("--speakers", type=int, default=3, help="number of nodes (odd, default 3)")
     d.add_argument("--seconds", type=float, default=None, help="end after this many seconds")
@@ -131,6 +141,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
         "cluster": args.cluster,
         "broker": args.broker,
         "embed_broker": args.embed_broker,
+        "embed_broker_password_file": args.embed_broker_password_file,
         "data_dir": args.data_dir,
         "sink": args.sink,
         "sink_log": args.sink_log,
@@ -157,9 +168,36 @@ def _cmd_broker(args: argparse.Namespace) -> int:
                 raise ConfigError(f"{key}: unknown key in {args.config}")
         listen = raw.get("listen", listen)
         pw = pw or raw.get("password_file")
+    if args.add_user:
+        return _add_user(args.add_user, pw)
     host, port = parse_host_port("listen", listen)
     _setup_logging(False)
     return run_broker(host, port, Path(pw) if pw else None)
+
+
+def _add_user(user: str, password_file: str | None) -> int:
+    import getpass
+
+    from nsync_mqtt.broker_embed import hash_password
+
+    if not password_file:
+        raise ConfigError("password_file: --add-user needs --password-file FILE")
+    if not user or ":" in user or any(c.isspace() for c in user):
+        raise ConfigError(f"add_user: a user name without ':' or spaces, got {user!r}")
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {user}: ")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if not password:
+        raise ConfigError("add_user: the password is empty")
+    path = Path(password_file)
+    lines = path.read_text().splitlines() if path.exists() else []
+    lines = [ln for ln in lines if not ln.startswith(f"{user}:")]
+    lines.append(f"{user}:{hash_password(password)}")
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    print(f"{user} is in {path}")
+    return 0
 
 
 def _print_progress(done: int, total: int) -> None:

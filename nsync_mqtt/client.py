@@ -61,6 +61,7 @@ class NSyncClient:
         self._waiting: dict[Any, queue.Queue[tuple[str, Any]]] = {}
         self._xfer: queue.Queue[dict[str, Any]] = queue.Queue()
         self._connected = threading.Event()
+        self._refused: str | None = None
         self._client = new_paho_client(self.reply_to, self.url)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
@@ -76,6 +77,8 @@ class NSyncClient:
         self._client.loop_start()
         if not self._connected.wait(self.timeout):
             self._client.loop_stop()
+            if self._refused:
+                raise BrokerError(f"the broker at {self.url} refused us: {self._refused}")
             raise BrokerError(f"cannot reach the broker at {self.url} within {self.timeout:g} s")
         return self
 
@@ -93,6 +96,7 @@ class NSyncClient:
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
     ) -> None:
         if getattr(rc, "is_failure", False):
+            self._refused = str(rc)
             return
         # ready only once the broker confirmed the subscriptions: a reply can then not be missed
         client.subscribe(

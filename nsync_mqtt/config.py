@@ -30,6 +30,7 @@ class NodeConfig:
     cluster: str = "home"
     broker: tuple[str, ...] = ("mqtt://127.0.0.1:1883",)
     embed_broker: str | None = None
+    embed_broker_password_file: Path | None = None
     data_dir: Path = Path("nsync-data")
     sink: str = "simpleaudio"
     sink_log: Path | None = None
@@ -155,6 +156,9 @@ def load_node_config(config_file: str | None, overrides: dict[str, Any]) -> Node
     embed = raw.get("embed_broker")
     if embed is not None:
         parse_host_port("embed_broker", embed)
+    pw_file = raw.get("embed_broker_password_file")
+    if pw_file is not None and not isinstance(pw_file, str):
+        raise ConfigError(f"embed_broker_password_file: must be a file path, got {pw_file!r}")
     sink = raw.get("sink", "simpleaudio")
     if sink not in SINKS:
         raise ConfigError(f"sink: must be one of {', '.join(SINKS)}, got {sink!r}")
@@ -168,6 +172,7 @@ def load_node_config(config_file: str | None, overrides: dict[str, Any]) -> Node
         cluster=_check_id("cluster", raw.get("cluster", "home")),
         broker=tuple(brokers),
         embed_broker=embed,
+        embed_broker_password_file=Path(pw_file) if pw_file else None,
         data_dir=Path(os.path.expanduser(str(raw.get("data_dir", f"nsync-data/{node_id}")))),
         sink=sink,
         sink_log=Path(sink_log) if sink_log else None,

@@ -202,7 +202,7 @@ class Node:
         self.sink.on_finished = self._finished_from_sink
         if self.cfg.embed_broker:
             host, port = parse_host_port("embed_broker", self.cfg.embed_broker)
-            self.broker = EmbeddedBroker(host, port)
+            self.broker = EmbeddedBroker(host, port, self.cfg.embed_broker_password_file)
             await self.broker.start()
         t = self.topics
         subs: list[tuple[str, Callable[[str, bytes, bool], None]]] = [
@@ -667,10 +667,11 @@ class Node:
             return
         if self.pcm.get(song) is not None and self.store.meta(song):
             if upload_reply:
-                self._upload_done(song, None)
+                self._upload_done(song, None, self.store.size_of(song))
             return
         self._decoding.add(song)
         src = self.store.path(song)
+        size = self.store.size_of(song)
 
         def work() -> tuple[dict[str, Any], str | None]:
             meta = audio.probe(src)
@@ -697,15 +698,15 @@ class Node:
                     self.holders.get(song, set()).discard(self.cfg.id)
                     self._publish_node_state(force=True)
                 if upload_reply:
-                    self._upload_done(song, error)
+                    self._upload_done(song, error, size)
                 ev = self.song_events.get(song)
                 if ev is not None:
                     ev.set()
                 return
-            meta["size"] = self.store.size_of(song)
+            meta["size"] = size
             self.store.set_meta(song, meta)
             if upload_reply:
-                self._upload_done(song, None)
+                self._upload_done(song, None, size)
             if self.is_master:
                 self._publish_library()
                 self._publish_state()
@@ -719,10 +720,10 @@ class Node:
 
         fut.add_done_callback(done)
 
-    def _upload_done(self, song: str, error: str | None) -> None:
+    def _upload_done(self, song: str, error: str | None, size: int) -> None:
         if not self.is_master:
             return
-        params = {"song": song, "size": self.store.size_of(song) if self.store.has(song) else None}
+        params = {"song": song, "size": size}
         if error:
             msg = f"not a playable song: {error}"
         else:
