@@ -176,6 +176,29 @@ def machine() -> dict[str, Any]:
     }
 
 
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Share of all cores busy over ``seconds`` (from /proc/stat): other work on the machine."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return math.nan
+    total = total1 - total0
+    return round(1.0 - (idle1 - idle0) / total, 3) if total > 0 else math.nan
+
+
+def conditions() -> dict[str, Any]:
+    """How busy the machine is right now (a shared VM: other work skews the numbers)."""
+    return {"loadavg_1m": round(os.getloadavg()[0], 2), "cpu_busy_1s": cpu_busy()}
+
+
 def write_result(name: str, broker_kind: str, doc: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}-{broker_kind}.json"

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import struct
 import threading
 import time
 import warnings
@@ -66,12 +67,77 @@ class AudioDeviceError(NSyncError):
 # --------------------------------------------------------------------------- probing / decoding
 
 
+def sniff(head: bytes) -> str | None:
+    """The audio container a file's first 12 bytes announce, or None: a cheap check that
+    refuses obvious non-audio at once (the full decode still decides)."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:3] == b"ID3" or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
+        return "mp3"
+    if head[:4] == b"fLaC":
+        return "flac"
+    if head[:4] == b"OggS":
+        return "ogg"
+    if head[4:8] == b"ftyp":
+        return "mp4"
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "aiff"
+    return None
+
+
+def _probe_wav(p: Path) -> dict[str, Any] | None:
+    """Title, artist and duration of a RIFF/WAVE file, read in Python (no ffprobe process)."""
+    info: dict[str, str] = {}
+    rate = block_align = data_size = 0
+    with p.open("rb") as f:
+        head = f.read(12)
+        if sniff(head) != "wav":
+            return None
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                break
+            cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if cid == b"fmt ":
+                fmt = f.read(size)
+                if len(fmt) >= 14:
+                    rate = struct.unpack_from("<I", fmt, 4)[0]
+                    block_align = struct.unpack_from("<H", fmt, 12)[0]
+            elif cid == b"data":
+                data_size = size
+                f.seek(size, os.SEEK_CUR)
+            elif cid == b"LIST":
+                body = f.read(size)
+                if body[:4] == b"INFO":
+                    pos = 4
+                    while pos + 8 <= len(body):
+                        sid, ssize = body[pos : pos + 4], struct.unpack_from("<I", body, pos + 4)[0]
+                        text = body[pos + 8 : pos + 8 + ssize].split(b"\0", 1)[0]
+                        info[sid.decode("latin-1")] = text.decode("utf-8", "replace")
+                        pos += 8 + ssize + (ssize & 1)
+            else:
+                f.seek(size, os.SEEK_CUR)
+            if size & 1:
+                f.seek(1, os.SEEK_CUR)
+    duration = data_size / (rate * block_align) if rate and block_align else None
+    return {
+        "title": info.get("INAM") or p.stem,
+        "artist": info.get("IART") or None,
+        "duration_s": duration,
+    }
+
+
 def probe(path: Path | str) -> dict[str, Any]:
     """Title, artist and duration of a song file; never raises.
 
-    Tags come from ffprobe; without them the title is the file name's stem and the artist None.
+    WAV headers and INFO tags are read in Python; other formats ask ffprobe. Without tags the
+    title is the file name's stem and the artist None.
     """
     p = Path(path)
+    with contextlib.suppress(OSError, struct.error, ValueError):
+        wav = _probe_wav(p)
+        if wav is not None:
+            return wav
     title: str | None = None
     artist: str | None = None
     duration: float | None = None

@@ -816,12 +816,12 @@ class Node:
 
     def _commit(self, new: PlayerState, op: dict[str, Any], req: Request | None) -> None:
         term = self.election.term
-        self._set_state(new)
         if self.majority > 1:
             self.pending[(term, new.index)] = PendingAck(
                 req, self.clock.now() + self.timing.ack_timeout_s
             )
-        self._send("op", op=op)
+        self._send("op", op=op)  # first: the speakers' round trip overlaps the master's own work
+        self._set_state(new)
         if self.majority <= 1 and req is not None:
             self._reply_ok(req, "ok")
 
@@ -921,16 +921,21 @@ class Node:
                             )
                             return
                         last = got
-            # wait for the master's own decode to judge whether it is a song at all
-            while song in self._decoding:
-                ev.clear()
-                with contextlib.suppress(TimeoutError):
-                    await wait_event(ev, 1.0)
-            if not self.store.has(song):
-                self._reply(req, False, "not a playable song: it cannot be decoded")
+            # a cheap look at the bytes refuses what is plainly not audio; the decode that
+            # follows in the background decides for good (an undecodable song is dropped)
+            try:
+                with self.store.path(song).open("rb") as f:
+                    kind = audio.sniff(f.read(12))
+            except OSError:  # the decoder refused it already and dropped it
+                kind = None
+            if kind is None:
+                if song not in self.state.playlist:
+                    self.store.remove(song)
+                    self._publish_node_state(force=True)
+                self._reply(req, False, "not a playable song: not a known audio format")
                 return
             self.holders.setdefault(song, set()).add(self.cfg.id)
-            title = self.store.meta(song).get("title") or song[:12]
+            title = self.store.meta(song).get("title") or req.params.get("name") or song[:12]
             if req.params.get("bg"):
                 self._offer(song)
                 self._reply(req, True, f"{title} is on the master; replicating in the background")

@@ -459,3 +459,47 @@ def test_simpleaudio_late_start_volume_and_finish(
     sounding = t_call + audio.SIMPLEAUDIO_LATENCY_S
     assert abs(frame - (sounding - at) * RATE) < 0.005 * RATE
     assert pcm == audioop.mul(track.read(frame, track.frames), 2, 0.5)
+
+
+# --- sniff and the in-Python WAV probe ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("head", "kind"),
+    [
+        (b"RIFF\x24\x00\x00\x00WAVE", "wav"),
+        (b"ID3\x04\x00\x00\x00\x00\x00\x00\x00\x00", "mp3"),
+        (b"\xff\xfb\x90\x64\x00\x00\x00\x00\x00\x00\x00\x00", "mp3"),
+        (b"fLaC\x00\x00\x00\x22\x00\x00\x00\x00", "flac"),
+        (b"OggS\x00\x02\x00\x00\x00\x00\x00\x00", "ogg"),
+        (b"\x00\x00\x00\x20ftypM4A ", "mp4"),
+        (b"FORM\x00\x00\x00\x00AIFF", "aiff"),
+        (b"RIFF\x24\x00\x00\x00AVI ", None),
+        (b"\x00" * 12, None),
+        (b"PK\x03\x04" + b"\x00" * 8, None),
+        (b"", None),
+    ],
+)
+def test_sniff_names_audio_containers_and_refuses_the_rest(head: bytes, kind: str | None) -> None:
+    assert audio.sniff(head) == kind
+
+
+def test_wav_probe_reads_tags_and_duration_without_ffprobe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pydub.utils
+
+    def no_ffprobe(*a: Any, **k: Any) -> Any:
+        raise AssertionError("ffprobe must not be needed for a WAV file")
+
+    monkeypatch.setattr(pydub.utils, "mediainfo", no_ffprobe)
+    p = tmp_path / "song.wav"
+    p.write_bytes(make_tone_wav(1.25, 440.0, "Título", "Ärtist"))
+    assert audio.probe(p) == {"title": "Título", "artist": "Ärtist", "duration_s": 1.25}
+    bare = tmp_path / "bare.wav"
+    with wave.open(str(bare), "wb") as w:  # no INFO chunk: the stem is the title
+        w.setnchannels(1)
+        w.setsampwidth(3)
+        w.setframerate(8000)
+        w.writeframes(b"\x00\x00\x00" * 4000)
+    assert audio.probe(bare) == {"title": "bare", "artist": None, "duration_s": 0.5}

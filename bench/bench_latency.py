@@ -1,0 +1,246 @@
+"""Command latency: p50/p99 of play, pause, forward, backward and enqueue on 3- and 5-node
+clusters (virtual sinks), beside the bare broker's QoS1 round trip measured in the same run.
+
+    .venv/bin/python bench/bench_latency.py --broker mosquitto --runs 200
+
+Latency is what a user of the client API waits: from ``NSyncClient.request`` publishing the
+command to the master's reply arriving, which the master sends once f+1 nodes applied the op.
+
+The broker baseline is an echo between two paho clients, both QoS1 with TCP_NODELAY: A publishes
+to a topic B subscribes, B publishes the payload back to a topic A subscribes, timed from A's
+publish to A's receipt. It has the same shape as a command (client -> broker -> master -> broker
+-> client) minus the master's work and its replication round. A single client publishing to its
+own subscription (one hop there and back through the broker) is measured too, for reference.
+Both run ``--runs`` times before the clusters start and again after they stop; the two halves
+are pooled, so a change in the machine's load during the run shows in both sides.
+"""
+
+from __future__ import annotations
+
+import queue
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import common
+from common import summary_ms, table
+
+from nsync_mqtt.bus import new_paho_client, parse_broker_url
+from nsync_mqtt.testing import NodeCluster
+from nsync_mqtt.tones import make_tone_wav
+
+VERBS = ("play", "pause", "forward", "backward", "enqueue")
+DIAGNOSTIC = "status"  # answered by the master alone: no replication round
+PLAYLIST_SONGS = 5
+SONG_S = 8.0
+WARMUP = 10
+TARGET_RATIO = 5.0  # p50 at most 5x the bare broker echo
+TARGET_P99_MS = 25.0
+PAPER_MS = {"play": 2400, "pause": 2400, "forward": 2400, "backward": 2400, "enqueue": 5600}
+CLUSTER_READY_S = 60.0
+CLIENT_TIMEOUT_S = 5.0
+
+
+def _client(url: str, name: str, topics: list[str], inbox: queue.Queue[Any]) -> Any:
+    c = new_paho_client(f"bench-{name}-{uuid.uuid4().hex[:6]}", parse_broker_url(url))
+    subscribed = queue.Queue[int]()
+
+    def on_connect(client: Any, u: Any, f: Any, rc: Any, p: Any) -> None:
+        client.subscribe([(t, 1) for t in topics])
+
+    c.on_connect = on_connect
+    c.on_subscribe = lambda *a: subscribed.put(1)
+    c.on_message = lambda client, u, msg: inbox.put((time.perf_counter(), msg.topic, msg.payload))
+    b = parse_broker_url(url)
+    c.connect_async(b.host, b.port, keepalive=30)
+    c.loop_start()
+    subscribed.get(timeout=10)
+    return c
+
+
+def broker_round_trips(url: str, runs: int) -> dict[str, list[float]]:
+    """QoS1 echo between two clients, and one client's publish to its own subscription."""
+    base = f"bench/{uuid.uuid4().hex[:8]}"
+    ping, pong, loop = f"{base}/ping", f"{base}/pong", f"{base}/loop"
+    a_inbox: queue.Queue[Any] = queue.Queue()
+    b_inbox: queue.Queue[Any] = queue.Queue()
+    a = _client(url, "a", [pong, loop], a_inbox)
+    b = _client(url, "b", [ping], b_inbox)
+    b.on_message = lambda client, u, msg: client.publish(pong, msg.payload, qos=1)
+    try:
+
+        def timed(topic: str, n: int) -> list[float]:
+            out = []
+            for i in range(n):
+                payload = f"{i}".encode()
+                t0 = time.perf_counter()
+                a.publish(topic, payload, qos=1)
+                while True:
+                    t1, _, got = a_inbox.get(timeout=5)
+                    if got == payload:
+                        break
+                out.append(t1 - t0)
+            return out
+
+        timed(ping, WARMUP)
+        echo = timed(ping, runs)
+        timed(loop, WARMUP)
+        self_loop = timed(loop, runs)
+    finally:
+        for c in (a, b):
+            c.disconnect()
+            c.loop_stop()
+    return {"echo": echo, "self": self_loop}
+
+
+def _ok(reply: dict[str, Any], what: str) -> dict[str, Any]:
+    if not reply.get("success"):
+        raise RuntimeError(f"{what} failed: {reply.get('msg')}")
+    return reply
+
+
+def cluster_latency(url: str, workdir: Path, nodes: int, runs: int) -> dict[str, Any]:
+    cluster = NodeCluster.of(
+        url, workdir / f"n{nodes}", n=nodes, cluster=f"b{uuid.uuid4().hex[:8]}"
+    )
+    samples: dict[str, list[float]] = {v: [] for v in (*VERBS, DIAGNOSTIC)}
+    failures: dict[str, list[str]] = {v: [] for v in (*VERBS, DIAGNOSTIC)}
+    cluster.start()
+    try:
+        t0 = time.monotonic()
+        cluster.wait_ready(CLUSTER_READY_S)
+        ready_s = time.monotonic() - t0
+        client = cluster.client(timeout=CLIENT_TIMEOUT_S)
+        try:
+            songs = []
+            for i in range(PLAYLIST_SONGS):
+                path = workdir / f"lat-{nodes}-{i}.wav"
+                path.write_bytes(make_tone_wav(SONG_S, 330.0 + 55.0 * i, f"latency {i}"))
+                loaded = _ok(client.load_song(path), f"load {path.name}")
+                songs.append(loaded["params"]["song"])
+                _ok(client.enqueue_song(songs[-1]), "enqueue")
+            for _ in range(WARMUP):
+                _ok(client.status(), "status")
+
+            def timed(verb: str, params: dict[str, Any] | None = None) -> None:
+                t = time.perf_counter()
+                reply = client.request(verb, params)
+                dt = time.perf_counter() - t
+                if reply.get("success"):
+                    samples[verb].append(dt)
+                else:
+                    failures[verb].append(str(reply.get("msg")))
+
+            for _ in range(runs):  # idle/paused -> playing -> paused
+                timed("play")
+                timed("pause")
+            _ok(client.play(), "play")
+            for _ in range(runs):  # slot 0 -> 1 -> 0, playing, each at the song's start
+                timed("forward")
+                timed("backward")
+            for i in range(runs):
+                timed("enqueue", {"song": songs[i % len(songs)]})
+            for _ in range(runs):
+                timed(DIAGNOSTIC)
+            _ok(client.stop(), "stop")
+        finally:
+            client.close()
+    finally:
+        codes = cluster.stop()
+    unclean = {n: c for n, c in codes.items() if c != 0}
+    return {
+        "nodes": nodes,
+        "ready_s": round(ready_s, 2),
+        "verbs": {v: summary_ms(samples[v]) for v in (*VERBS, DIAGNOSTIC)},
+        "failures": {v: len(f) for v, f in failures.items()},
+        "failure_examples": {v: f[:3] for v, f in failures.items() if f},
+        "unclean_exits": unclean,
+    }
+
+
+def main() -> int:
+    p = common.arg_parser(__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=200, help="timed runs per command (default 200)")
+    p.add_argument("--nodes", default="3,5", help="cluster sizes, comma separated (default 3,5)")
+    args = p.parse_args()
+    sizes = [int(n) for n in args.nodes.split(",")]
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="nsync-bench-") as tmp:
+        workdir = Path(tmp)
+        with common.broker(args.broker, workdir) as b:
+            version = b.version()
+            before = common.conditions()
+            first = broker_round_trips(b.url, args.runs)
+            clusters = [cluster_latency(b.url, workdir, n, args.runs) for n in sizes]
+            last = broker_round_trips(b.url, args.runs)
+            after = common.conditions()
+    # the baseline is measured before and after the clusters; both halves pooled
+    baseline = {k: summary_ms(first[k] + last[k]) for k in ("echo", "self")}
+    baseline_halves = {
+        "before": {k: summary_ms(v) for k, v in first.items()},
+        "after": {k: summary_ms(v) for k, v in last.items()},
+    }
+    echo_p50 = baseline["echo"]["p50_ms"]
+    rows: list[list[Any]] = [
+        ["broker", "echo (2 clients)", echo_p50, baseline["echo"]["p99_ms"], 1.0, "", ""],
+        ["broker", "self-subscribe", baseline["self"]["p50_ms"], baseline["self"]["p99_ms"],
+         round(baseline["self"]["p50_ms"] / echo_p50, 2), "", ""],
+    ]  # fmt: skip
+    verdicts = {}
+    for c in clusters:
+        for verb in VERBS:
+            s = c["verbs"][verb]
+            ratio = s["p50_ms"] / echo_p50
+            ok = ratio <= TARGET_RATIO and s["p99_ms"] <= TARGET_P99_MS and not c["failures"][verb]
+            verdicts[f"{c['nodes']}:{verb}"] = ok
+            rows.append(
+                [
+                    f"{c['nodes']} nodes",
+                    verb,
+                    s["p50_ms"],
+                    s["p99_ms"],
+                    round(ratio, 2),
+                    c["failures"][verb],
+                    "yes" if ok else "NO",
+                ]
+            )
+        s = c["verbs"][DIAGNOSTIC]
+        rows.append(
+            [f"{c['nodes']} nodes", f"({DIAGNOSTIC}: no replication)", s["p50_ms"], s["p99_ms"],
+             round(s["p50_ms"] / echo_p50, 2), c["failures"][DIAGNOSTIC], ""]
+        )  # fmt: skip
+    headers = ["setup", "command", "p50 ms", "p99 ms", "p50/echo", "failed", "target met"]
+    print(f"command latency, {args.broker} ({version}), {args.runs} runs each")
+    print(f"machine load before {before}, after {after}")
+    print(table(headers, rows))
+    print(f"target: p50 <= {TARGET_RATIO:g}x echo p50, p99 <= {TARGET_P99_MS:g} ms; paper ~2400 ms")
+    doc = {
+        "bench": "latency",
+        "command": f".venv/bin/python bench/bench_latency.py --broker {args.broker} "
+        f"--runs {args.runs} --nodes {args.nodes}",
+        "date": common.now_iso(),
+        "broker": args.broker,
+        "broker_version": version,
+        "machine": common.machine(),
+        "runs": args.runs,
+        "baseline": {
+            "kind": "QoS1 echo between two clients (A->broker->B->broker->A), "
+            f"{args.runs} before and {args.runs} after the clusters, pooled",
+            **baseline,
+            "halves": baseline_halves,
+        },
+        "conditions": {"before": before, "after": after},
+        "clusters": clusters,
+        "target": {"p50_over_echo_max": TARGET_RATIO, "p99_ms_max": TARGET_P99_MS},
+        "paper_ms": PAPER_MS,
+        "target_met": verdicts,
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
+    print(f"wrote {common.write_result('latency', args.broker, doc)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
