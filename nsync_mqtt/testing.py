@@ -1,46 +1,202 @@
 """Test tools shared by the integration tests, the benchmarks and the demo.
 
-``NodeCluster`` starts real ``nsync node`` processes on loopback against a broker URL and stops
-them by their own handles; ``FakeClock`` (from nsync_mqtt.clock) drives the pure cores.
+- ``BrokerProcess``: an amqtt or Mosquitto broker subprocess on a loopback port.
+- ``NodeCluster``: real ``nsync node`` processes on loopback against a broker URL, stopped by
+  their own handles; ``Watcher`` follows a cluster's retained state topics.
+- ``RawClient``: a plain MQTT client that talks to NSync the way Home Assistant or
+  ``mosquitto_pub`` do, and records what it hears.
+- ``wait_for``, ``ok``, ``refused``, ``tone_file``: small checks and makers for tests.
+- ``FakeClock`` (from nsync_mqtt.clock) drives the pure cores.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nsync_mqtt.bus import new_paho_client, parse_broker_url
+from nsync_mqtt.client import NSyncClient
 from nsync_mqtt.clock import FakeClock
+from nsync_mqtt.messages import Topics
+from nsync_mqtt.tones import make_tone_wav
 
-__all__ = ["FakeClock", "NodeCluster", "NodeSpec", "free_port", "wait_port"]
+__all__ = [
+    "BROKER_KINDS",
+    "MOSQUITTO",
+    "REPLY_KEYS",
+    "BrokerProcess",
+    "FakeClock",
+    "Message",
+    "NodeCluster",
+    "NodeSpec",
+    "RawClient",
+    "Watcher",
+    "free_port",
+    "load_and_enqueue",
+    "mosquitto_config",
+    "ok",
+    "port_open",
+    "ready_cluster",
+    "refused",
+    "tone_file",
+    "unique_cluster_name",
+    "wait_for",
+    "wait_port",
+]
+
+MOSQUITTO = Path("/usr/sbin/mosquitto")
+BROKER_KINDS = ("amqtt", "mosquitto")
+BROKER_START_TIMEOUT_S = 10.0
+REPLY_KEYS = frozenset({"success", "command", "params", "msg", "client_req_id"})
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
 
 
 def wait_port(
     port: int, timeout_s: float = 10.0, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
+    """Wait until ``port`` accepts connections; RuntimeError if ``proc`` exits first."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while not port_open(port):
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"port {port} did not open within {timeout_s} s")
+        time.sleep(0.02)
+
+
+def wait_for(pred: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.02) -> Any:
+    """Poll ``pred`` until it returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def mosquitto_config(port: int) -> str:
+    """Mosquitto for tests: loopback only, anonymous, nothing kept on disk."""
+    return "\n".join(
+        [
+            "per_listener_settings false",
+            f"listener {port} 127.0.0.1",
+            "allow_anonymous true",
+            "persistence false",
+            # without it every receive-then-publish exchange waits ~40 ms for delayed ACK
+            "set_tcp_nodelay true",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "",
+        ]
+    )
+
+
+class BrokerProcess:
+    """An amqtt or Mosquitto broker subprocess on a fixed loopback port, which can be killed
+    and started again. Its output goes to ``log`` in ``workdir``."""
+
+    def __init__(self, kind: str, port: int, workdir: Path) -> None:
+        if kind not in BROKER_KINDS:
+            raise ValueError(f"unknown broker {kind!r}; one of {', '.join(BROKER_KINDS)}")
+        self.kind = kind
+        self.port = port
+        self.workdir = Path(workdir)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = self.workdir / f"{kind}-{port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def _command(self) -> list[str]:
+        if self.kind == "amqtt":
+            code = (
+                "import sys; from nsync_mqtt.broker_embed import run_broker; "
+                f"sys.exit(run_broker('127.0.0.1', {self.port}, None))"
+            )
+            return [sys.executable, "-c", code]
+        if not MOSQUITTO.exists():
+            raise RuntimeError(f"mosquitto is not installed ({MOSQUITTO} missing)")
+        conf = self.workdir / f"mosquitto-{self.port}.conf"
+        conf.write_text(mosquitto_config(self.port))
+        return [str(MOSQUITTO), "-c", str(conf)]
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log.exists():
+            return ""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def start(self) -> BrokerProcess:
+        """Start the broker and wait until it listens; RuntimeError with its log if it does not."""
+        if self.proc is not None:
+            raise RuntimeError(f"{self.kind} broker on port {self.port} is already running")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        command = self._command()
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                command, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            wait_port(self.port, BROKER_START_TIMEOUT_S, self.proc)
+        except (RuntimeError, TimeoutError) as err:
+            self.stop()
+            raise RuntimeError(
+                f"{self.kind} broker did not start: {err}\n{self.log_tail()}"
+            ) from err
+        return self
+
+    def kill(self) -> None:
+        """Kill the broker abruptly (SIGKILL), as a crash would."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait(timeout=5)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
             return
-        time.sleep(0.05)
-    raise TimeoutError(f"port {port} did not open within {timeout_s} s")
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+    def __enter__(self) -> BrokerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 @dataclass
@@ -172,9 +328,7 @@ class NodeCluster:
                 parts.append(f"--- {node}\n" + "\n".join(tail))
         return "\n".join(parts)
 
-    def client(self, timeout: float = 3.0) -> Any:
-        from nsync_mqtt.client import NSyncClient
-
+    def client(self, timeout: float = 3.0) -> NSyncClient:
         return NSyncClient(self.broker_url, self.cluster, timeout=timeout).connect()
 
     def wait_ready(self, timeout_s: float = 30.0, calibrated: bool = True) -> dict[str, Any]:
@@ -207,36 +361,39 @@ class NodeCluster:
             w.close()
 
 
+def _subscribed_client(
+    client_id: str, broker_url: str, subscriptions: Sequence[str], qos: int, on_message: Any
+) -> tuple[Any, threading.Event]:
+    """A started paho client that (re)subscribes to ``subscriptions`` on every connect, and an
+    event set once the broker acknowledges a subscription."""
+    url = parse_broker_url(broker_url)
+    client = new_paho_client(client_id, url)
+    subscribed = threading.Event()
+    client.on_connect = lambda c, *_: c.subscribe([(t, qos) for t in subscriptions])
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.on_message = on_message
+    client.connect_async(url.host, url.port)
+    client.loop_start()
+    return client, subscribed
+
+
 class Watcher:
     """Follows the retained state topics of a cluster."""
 
     def __init__(self, broker_url: str, cluster: str) -> None:
-        import threading
-
-        from nsync_mqtt.bus import new_paho_client, parse_broker_url
-
         self._lock = threading.Lock()
         self.retained: dict[str, bytes] = {}
         self.base = f"nsync/{cluster}"
-        url = parse_broker_url(broker_url)
-        self._client = new_paho_client(f"watch-{uuid.uuid4().hex[:12]}", url)
-        self._ready = threading.Event()
+        self._client, subscribed = _subscribed_client(
+            f"watch-{uuid.uuid4().hex[:12]}", broker_url, [f"{self.base}/#"], 0, self._on_message
+        )
+        subscribed.wait(5)  # a broker still starting is caught up with in the background
 
-        def on_connect(c: Any, u: Any, f: Any, rc: Any, p: Any) -> None:
-            c.subscribe(f"{self.base}/#", qos=0)
-            self._ready.set()
-
-        def on_message(c: Any, u: Any, msg: Any) -> None:
-            if not msg.topic.startswith(f"{self.base}/"):
-                return  # amqtt also hands out retained messages of other subscriptions
-            with self._lock:
-                self.retained[msg.topic] = msg.payload
-
-        self._client.on_connect = on_connect
-        self._client.on_message = on_message
-        self._client.connect_async(url.host, url.port)
-        self._client.loop_start()
-        self._ready.wait(5)
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        if not msg.topic.startswith(f"{self.base}/"):
+            return  # amqtt also hands out retained messages of other subscriptions
+        with self._lock:
+            self.retained[msg.topic] = msg.payload
 
     def get(self, suffix: str) -> bytes | None:
         with self._lock:
@@ -260,3 +417,148 @@ class Watcher:
     def close(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
+
+
+def unique_cluster_name() -> str:
+    """A cluster name nothing else uses, so clusters can share a broker."""
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@contextlib.contextmanager
+def ready_cluster(cluster: NodeCluster) -> Iterator[NodeCluster]:
+    """Start ``cluster``, wait until it is ready, and stop it afterwards; AssertionError if a
+    node does not exit cleanly."""
+    cluster.start()
+    try:
+        cluster.wait_ready()
+        yield cluster
+    finally:
+        codes = cluster.stop()
+        if any(code != 0 for code in codes.values()):
+            raise AssertionError(f"unclean exit {codes}\n{cluster.logs_tail()}")
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class RawClient:
+    """A plain MQTT client, talking to NSync the way Home Assistant or mosquitto_pub do; it
+    records every message it hears on ``subscriptions``."""
+
+    def __init__(
+        self, broker_url: str, cluster: str, subscriptions: Sequence[str], client_id: str = ""
+    ) -> None:
+        self.topics = Topics(cluster)
+        self.reply_to = client_id or f"raw-{uuid.uuid4().hex[:8]}"
+        self.url = parse_broker_url(broker_url)
+        self.messages: list[Message] = []
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._client, subscribed = _subscribed_client(
+            self.reply_to, broker_url, subscriptions, 1, self._on_message
+        )
+        if not subscribed.wait(5):
+            self.close()
+            raise TimeoutError(f"{self.reply_to} could not subscribe on {self.url}")
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        with self._cond:
+            self.messages.append(Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
+            self._cond.notify_all()
+
+    def publish(self, topic: str, payload: bytes | str, retain: bool = False) -> None:
+        self._client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+    def mark(self) -> int:
+        """A position in ``messages``, for ``since``/``wait`` to look only at what came after."""
+        with self._cond:
+            return len(self.messages)
+
+    def since(self, mark: int) -> list[Message]:
+        with self._cond:
+            return self.messages[mark:]
+
+    def wait(
+        self, pred: Callable[[Message], bool], what: str, since: int = 0, timeout_s: float = 5.0
+    ) -> Message:
+        """The first message from ``since`` on that satisfies ``pred``, waiting for it."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                for m in self.messages[since:]:
+                    if pred(m):
+                        return m
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+                self._cond.wait(remaining)
+
+    def wait_json(self, topic: str, what: str, since: int = 0, timeout_s: float = 5.0) -> Any:
+        return json.loads(self.wait(lambda m: m.topic == topic, what, since, timeout_s).payload)
+
+    def request(
+        self, verb: str, body: dict[str, Any] | None = None, timeout_s: float = 5.0
+    ) -> dict[str, Any]:
+        """Publish a JSON command with reply_to and return its reply object."""
+        req_id = f"{self.reply_to}-{next(self._ids)}"
+        since = self.mark()
+        payload = {**(body or {}), "client_req_id": req_id, "reply_to": self.reply_to}
+        self.publish(self.topics.cmd(verb), json.dumps(payload))
+        topic = self.topics.reply(self.reply_to)
+        msg = self.wait(
+            lambda m: m.topic == topic and json.loads(m.payload).get("client_req_id") == req_id,
+            f"the reply to {verb}",
+            since,
+            timeout_s,
+        )
+        reply: dict[str, Any] = json.loads(msg.payload)
+        return reply
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def ok(reply: dict[str, Any]) -> dict[str, Any]:
+    """``reply`` if it is a success reply object; AssertionError naming it otherwise."""
+    if reply.get("success") is not True or not set(reply) >= REPLY_KEYS:
+        raise AssertionError(f"not a success reply: {reply}")
+    return reply
+
+
+def refused(reply: dict[str, Any], command: str, *words: str) -> str:
+    """The message of a well-formed failure reply to ``command`` that contains every one of
+    ``words``; AssertionError naming the reply otherwise."""
+    if set(reply) != REPLY_KEYS or reply["success"] is not False or reply["command"] != command:
+        raise AssertionError(f"not a refusal of {command!r}: {reply}")
+    msg = str(reply["msg"])
+    missing = [word for word in words if word not in msg]
+    if missing:
+        raise AssertionError(f"{missing} not in {msg!r}")
+    return msg
+
+
+def load_and_enqueue(client: NSyncClient, path: Path) -> str:
+    """Load the song file ``path`` on the cluster, append it to the playlist, return its hash."""
+    song = str(ok(client.load_song(path))["params"]["song"])
+    ok(client.enqueue_song(song))
+    return song
+
+
+def tone_file(
+    directory: Path, title: str, seconds: float, freq_hz: float, artist: str = "NSync demo"
+) -> Path:
+    """A tagged tone WAV named ``<title>.wav`` in ``directory``."""
+    path = Path(directory) / f"{title}.wav"
+    path.write_bytes(make_tone_wav(seconds, freq_hz, title, artist))
+    return path

@@ -1,31 +1,36 @@
-"""Fixtures for integration tests: real MQTT brokers on loopback.
+"""Fixtures for integration tests: real MQTT brokers and real node clusters on loopback.
 
 - ``amqtt_broker`` / ``mosquitto_broker``: one broker process per test session.
 - ``broker_url``: parametrized over both brokers, yields ``mqtt://127.0.0.1:PORT``.
 - ``broker_factory``: starts private broker processes a test may kill and restart;
   ``broker_kind`` parametrizes a test over the kinds it can start.
 - ``unused_port``: a loopback port nothing listens on (from ``free_port()``).
+- ``cluster_kind``, ``cluster``, ``client``, ``watcher``: one 3-node cluster per test module and
+  broker kind, with a command client and a watcher of its retained topics. A module that needs
+  a differently set up cluster defines its own ``cluster`` (and ``client``).
 Tests sharing a session broker use topics of their own (see ``unique_topic``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-MOSQUITTO = Path("/usr/sbin/mosquitto")
-MOSQUITTO_CONF = REPO / "config" / "mosquitto-test.conf"
-BROKER_START_TIMEOUT_S = 10.0
+from nsync_mqtt.client import NSyncClient
+from nsync_mqtt.testing import (
+    MOSQUITTO,
+    BrokerProcess,
+    NodeCluster,
+    Watcher,
+    free_port,
+    ready_cluster,
+    unique_cluster_name,
+)
 
 requires_mosquitto = pytest.mark.skipif(
     not MOSQUITTO.exists(), reason=f"mosquitto not installed ({MOSQUITTO} missing)"
@@ -33,84 +38,12 @@ requires_mosquitto = pytest.mark.skipif(
 BROKER_KINDS = ["amqtt", pytest.param("mosquitto", marks=requires_mosquitto)]
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_open(port: int) -> bool:
+def start_broker(broker: BrokerProcess) -> BrokerProcess:
+    """Start ``broker``, failing the test (with the broker's log) if it does not come up."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-class BrokerProcess:
-    """A broker subprocess on a fixed loopback port, which can be killed and started again."""
-
-    def __init__(self, kind: str, port: int, workdir: Path) -> None:
-        self.kind = kind
-        self.port = port
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log = workdir / f"{kind}-{port}.log"
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def _command(self) -> list[str]:
-        if self.kind == "amqtt":
-            code = (
-                "import sys; from nsync_mqtt.broker_embed import run_broker; "
-                f"sys.exit(run_broker('127.0.0.1', {self.port}, None))"
-            )
-            return [sys.executable, "-c", code]
-        conf = self.workdir / f"mosquitto-{self.port}.conf"
-        text = MOSQUITTO_CONF.read_text().replace(
-            "listener 1883 127.0.0.1", f"listener {self.port} 127.0.0.1"
-        )
-        assert f"listener {self.port} 127.0.0.1" in text
-        conf.write_text(text)
-        return [str(MOSQUITTO), "-c", str(conf)]
-
-    def start(self) -> None:
-        assert self.proc is None, "broker already running"
-        with self._log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                self._command(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + BROKER_START_TIMEOUT_S
-        while not port_open(self.port):
-            if self.proc.poll() is not None:
-                output = self._log.read_text(errors="replace")
-                self.proc = None
-                pytest.fail(f"{self.kind} broker exited at start:\n{output}")
-            if time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"{self.kind} broker did not listen on {self.port} in time")
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        """Kill the broker abruptly (SIGKILL), as a crash would."""
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=5)
-            self.proc = None
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        return broker.start()
+    except RuntimeError as err:
+        pytest.fail(str(err))
 
 
 @pytest.fixture(scope="session")
@@ -119,8 +52,7 @@ def _broker_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _session_broker(kind: str, workdir: Path) -> Iterator[BrokerProcess]:
-    broker = BrokerProcess(kind, free_port(), workdir)
-    broker.start()
+    broker = start_broker(BrokerProcess(kind, free_port(), workdir))
     try:
         yield broker
     finally:
@@ -165,8 +97,7 @@ def broker_factory(_broker_workdir: Path) -> Iterator[Callable[[str], BrokerProc
     def start(kind: str) -> BrokerProcess:
         broker = BrokerProcess(kind, free_port(), _broker_workdir)
         started.append(broker)
-        broker.start()
-        return broker
+        return start_broker(broker)
 
     yield start
     for broker in started:
@@ -177,3 +108,40 @@ def broker_factory(_broker_workdir: Path) -> Iterator[Callable[[str], BrokerProc
 def unique_topic() -> str:
     """A topic prefix no other test uses, so tests can share a broker."""
     return f"test/{os.getpid()}/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="module", params=BROKER_KINDS)
+def cluster_kind(request: pytest.FixtureRequest) -> str:
+    """The broker kind the module's clusters run on: ``"amqtt"`` or ``"mosquitto"``."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    cluster_kind: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[NodeCluster]:
+    """Nodes n1-n3 on the session broker of ``cluster_kind``: songs up to 2 MB, a stalled
+    upload given up after 1 s. Every node must exit cleanly at the end."""
+    broker: BrokerProcess = request.getfixturevalue(f"{cluster_kind}_broker")
+    nodes = NodeCluster.of(
+        broker.url,
+        tmp_path_factory.mktemp("cluster"),
+        3,
+        cluster=unique_cluster_name(),
+        timing={"upload_idle_timeout_s": 1.0},
+        settings={"max_song_mb": 2},
+    )
+    with ready_cluster(nodes) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client(cluster: NodeCluster) -> Iterator[NSyncClient]:
+    with contextlib.closing(cluster.client(timeout=5.0)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def watcher(cluster: NodeCluster) -> Iterator[Watcher]:
+    with cluster.watch() as w:
+        yield w

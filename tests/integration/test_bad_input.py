@@ -5,168 +5,36 @@ goes down."""
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import random
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from nsync_mqtt.bus import new_paho_client, parse_broker_url
 from nsync_mqtt.client import NSyncClient
 from nsync_mqtt.messages import Topics, encode_chunk
 from nsync_mqtt.replication import Manifest, chunk_header, sha224_file
-from nsync_mqtt.testing import NodeCluster, NodeSpec, Watcher
+from nsync_mqtt.testing import (
+    NodeCluster,
+    RawClient,
+    Watcher,
+    load_and_enqueue,
+    ok,
+    refused,
+    tone_file,
+    wait_for,
+)
 from nsync_mqtt.tones import make_tone_wav
 
 pytestmark = pytest.mark.integration
 
-SPECS = [NodeSpec("n1"), NodeSpec("n2"), NodeSpec("n3")]
 MAX_SONG_BYTES = 2 * 1024 * 1024
 CHUNK = 16 * 1024
-REPLY_KEYS = {"success", "command", "params", "msg", "client_req_id"}
 UNLOADED_HASH = hashlib.sha224(b"a song nobody loaded").hexdigest()
-
-
-def wait_for(pred: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-@dataclass(frozen=True)
-class Msg:
-    topic: str
-    payload: bytes
-
-
-class Raw:
-    """A plain MQTT client that records what it hears on the reply and transfer topics."""
-
-    def __init__(self, broker_url: str, cluster: str) -> None:
-        self.topics = Topics(cluster)
-        self.reply_to = f"raw-{uuid.uuid4().hex[:8]}"
-        self.messages: list[Msg] = []
-        self._cond = threading.Condition()
-        self._ids = itertools.count(1)
-        url = parse_broker_url(broker_url)
-        subscribed = threading.Event()
-        subs = [(f"{self.topics.base}/reply/#", 1), (self.topics.internal("xfer/#"), 1)]
-        self._client = new_paho_client(self.reply_to, url)
-        self._client.on_connect = lambda c, *_: c.subscribe(subs)
-        self._client.on_subscribe = lambda *_: subscribed.set()
-        self._client.on_message = self._on_message
-        self._client.connect_async(url.host, url.port)
-        self._client.loop_start()
-        assert subscribed.wait(5), "raw client could not subscribe"
-
-    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        with self._cond:
-            self.messages.append(Msg(msg.topic, bytes(msg.payload)))
-            self._cond.notify_all()
-
-    def publish(self, topic: str, payload: bytes | str) -> None:
-        self._client.publish(topic, payload, qos=1).wait_for_publish(5)
-
-    def mark(self) -> int:
-        with self._cond:
-            return len(self.messages)
-
-    def since(self, mark: int) -> list[Msg]:
-        with self._cond:
-            return self.messages[mark:]
-
-    def wait(
-        self, pred: Callable[[Msg], bool], what: str, since: int, timeout_s: float = 5.0
-    ) -> Msg:
-        deadline = time.monotonic() + timeout_s
-        with self._cond:
-            while True:
-                for m in self.messages[since:]:
-                    if pred(m):
-                        return m
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-                self._cond.wait(remaining)
-
-    def wait_json(self, topic: str, what: str, since: int, timeout_s: float = 5.0) -> Any:
-        return json.loads(self.wait(lambda m: m.topic == topic, what, since, timeout_s).payload)
-
-    def request(
-        self, verb: str, body: dict[str, Any] | None = None, timeout_s: float = 5.0
-    ) -> dict[str, Any]:
-        """Publish a JSON command with reply_to and return its reply object."""
-        req_id = f"{self.reply_to}-{next(self._ids)}"
-        since = self.mark()
-        payload = {**(body or {}), "client_req_id": req_id, "reply_to": self.reply_to}
-        self.publish(self.topics.cmd(verb), json.dumps(payload))
-        topic = self.topics.reply(self.reply_to)
-        msg = self.wait(
-            lambda m: m.topic == topic and json.loads(m.payload).get("client_req_id") == req_id,
-            f"the reply to {verb}",
-            since,
-            timeout_s,
-        )
-        reply: dict[str, Any] = json.loads(msg.payload)
-        return reply
-
-    def send_chunks(self, data: bytes, manifest: Manifest, indices: list[int]) -> None:
-        for i in indices:
-            offset, length = manifest.chunk_span(i)
-            frame = encode_chunk(chunk_header(manifest, i), data[offset : offset + length])
-            self.publish(self.topics.internal("chunk/all"), frame)
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
-
-
-@pytest.fixture(scope="module", params=["amqtt", "mosquitto"])
-def cluster(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[NodeCluster]:
-    broker = request.getfixturevalue(f"{request.param}_broker")
-    c = NodeCluster(
-        broker.url,
-        tmp_path_factory.mktemp("bad-input"),
-        SPECS,
-        cluster=f"t{uuid.uuid4().hex[:8]}",
-        timing={"upload_idle_timeout_s": 1.0},
-        settings={"max_song_mb": 2},
-    )
-    c.start()
-    try:
-        c.wait_ready()
-        yield c
-    finally:
-        codes = c.stop()
-        assert all(code == 0 for code in codes.values()), f"unclean exit {codes}\n{c.logs_tail()}"
-
-
-@pytest.fixture(scope="module")
-def client(cluster: NodeCluster) -> Iterator[NSyncClient]:
-    c = cluster.client(timeout=5.0)
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-@pytest.fixture(scope="module")
-def watcher(cluster: NodeCluster) -> Iterator[Watcher]:
-    with cluster.watch() as w:
-        yield w
 
 
 @pytest.fixture(scope="module")
@@ -174,39 +42,27 @@ def slotted(
     cluster: NodeCluster, client: NSyncClient, tmp_path_factory: pytest.TempPathFactory
 ) -> str:
     """A 2 s song, loaded and slotted as the current song (so seek has something to seek in)."""
-    path = tmp_path_factory.mktemp("songs") / "slotted.wav"
-    path.write_bytes(make_tone_wav(2.0, 440.0, "Slotted"))
-    song = str(ok(client.load_song(path))["params"]["song"])
-    ok(client.enqueue_song(song))
-    return song
+    path = tone_file(tmp_path_factory.mktemp("songs"), "Slotted", 2.0, 440.0)
+    return load_and_enqueue(client, path)
 
 
 @pytest.fixture
-def raw(cluster: NodeCluster, slotted: str) -> Iterator[Raw]:
-    r = Raw(cluster.broker_url, cluster.cluster)
-    try:
+def raw(cluster: NodeCluster, slotted: str) -> Iterator[RawClient]:
+    """A plain client hearing the replies and the transfer requests."""
+    topics = Topics(cluster.cluster)
+    subscriptions = [f"{topics.base}/reply/#", topics.internal("xfer/#")]
+    with RawClient(cluster.broker_url, cluster.cluster, subscriptions) as r:
         yield r
-    finally:
-        r.close()
 
 
-def ok(reply: dict[str, Any]) -> dict[str, Any]:
-    assert reply["success"] is True, reply
-    return reply
+def send_chunks(raw: RawClient, data: bytes, manifest: Manifest, indices: list[int]) -> None:
+    for i in indices:
+        offset, length = manifest.chunk_span(i)
+        frame = encode_chunk(chunk_header(manifest, i), data[offset : offset + length])
+        raw.publish(raw.topics.internal("chunk/all"), frame)
 
 
-def refused(reply: dict[str, Any], command: str, *words: str) -> str:
-    """Assert a well-formed failure reply whose message contains every one of ``words``."""
-    assert set(reply) == REPLY_KEYS, reply
-    assert reply["success"] is False, reply
-    assert reply["command"] == command, reply
-    msg = str(reply["msg"])
-    for word in words:
-        assert word in msg, f"{word!r} not in {msg!r}"
-    return msg
-
-
-def snapshot(raw: Raw) -> dict[str, Any]:
+def snapshot(raw: RawClient) -> dict[str, Any]:
     """The master's state document, without the fields that move with time."""
     state = dict(ok(raw.request("status"))["state"])
     state.pop("position")
@@ -214,7 +70,7 @@ def snapshot(raw: Raw) -> dict[str, Any]:
     return state
 
 
-def assert_healthy(cluster: NodeCluster, raw: Raw) -> None:
+def assert_healthy(cluster: NodeCluster, raw: RawClient) -> None:
     assert sorted(cluster.alive()) == sorted(cluster.specs), cluster.logs_tail()
     assert ok(raw.request("status"))["state"]["master"] in cluster.specs
 
@@ -294,7 +150,7 @@ BAD_COMMANDS = [
 
 @pytest.mark.parametrize(("verb", "body", "words"), BAD_COMMANDS)
 def test_bad_command_is_refused(
-    cluster: NodeCluster, raw: Raw, verb: str, body: dict[str, Any], words: list[str]
+    cluster: NodeCluster, raw: RawClient, verb: str, body: dict[str, Any], words: list[str]
 ) -> None:
     before = snapshot(raw)
     reply = raw.request(verb, body)
@@ -305,7 +161,7 @@ def test_bad_command_is_refused(
 
 
 def test_bad_client_req_id_is_answered_when_reply_to_is_readable(
-    cluster: NodeCluster, raw: Raw
+    cluster: NodeCluster, raw: RawClient
 ) -> None:
     before = snapshot(raw)
     for bad_id in ([1], {"n": 1}, True, 1.5):
@@ -336,7 +192,9 @@ UNANSWERABLE = [
 
 
 @pytest.mark.parametrize("payload", UNANSWERABLE)
-def test_unreadable_command_changes_nothing(cluster: NodeCluster, raw: Raw, payload: bytes) -> None:
+def test_unreadable_command_changes_nothing(
+    cluster: NodeCluster, raw: RawClient, payload: bytes
+) -> None:
     """Without a readable reply_to no reply is possible: the state is the only answer. The next
     command is served in order, so its reply being the first one proves nothing was sent."""
     before = snapshot(raw)
@@ -350,7 +208,9 @@ def test_unreadable_command_changes_nothing(cluster: NodeCluster, raw: Raw, payl
     assert_healthy(cluster, raw)
 
 
-def truncated_upload(raw: Raw, data: bytes, manifest: Manifest, send: list[int]) -> dict[str, Any]:
+def truncated_upload(
+    raw: RawClient, data: bytes, manifest: Manifest, send: list[int]
+) -> dict[str, Any]:
     """Announce ``manifest`` as a raw client, send only the chunks ``send``, return the reply."""
     since = raw.mark()
     req_id = f"{raw.reply_to}-load"
@@ -358,14 +218,14 @@ def truncated_upload(raw: Raw, data: bytes, manifest: Manifest, send: list[int])
     raw.publish(raw.topics.cmd("load"), json.dumps(body))
     ask = raw.wait_json(raw.topics.internal(f"xfer/{raw.reply_to}"), "the chunk request", since)
     assert ask == {"song": manifest.song, "missing": list(range(manifest.n_chunks))}
-    raw.send_chunks(data, manifest, send)
+    send_chunks(raw, data, manifest, send)
     reply = raw.wait_json(raw.topics.reply(raw.reply_to), "the load reply", since, 10)
     assert reply["client_req_id"] == req_id
     return reply
 
 
 def test_truncated_upload_fails_then_resumes(
-    cluster: NodeCluster, raw: Raw, client: NSyncClient, watcher: Watcher, tmp_path: Path
+    cluster: NodeCluster, raw: RawClient, client: NSyncClient, watcher: Watcher, tmp_path: Path
 ) -> None:
     path = tmp_path / "resumed.wav"
     path.write_bytes(make_tone_wav(1.0, 523.0, f"Resumed {uuid.uuid4().hex[:6]}"))
@@ -395,7 +255,7 @@ def test_truncated_upload_fails_then_resumes(
     assert_healthy(cluster, raw)
 
 
-def wrong_hash_upload(raw: Raw, seed: int) -> tuple[dict[str, Any], str, str]:
+def wrong_hash_upload(raw: RawClient, seed: int) -> tuple[dict[str, Any], str, str]:
     data = random_bytes(seed, 40_000)
     claimed = hashlib.sha224(b"not these bytes" + bytes([seed])).hexdigest()
     actual = hashlib.sha224(data).hexdigest()
@@ -404,7 +264,7 @@ def wrong_hash_upload(raw: Raw, seed: int) -> tuple[dict[str, Any], str, str]:
 
 
 def test_wrong_hash_load_fails_and_stores_nothing(
-    cluster: NodeCluster, raw: Raw, watcher: Watcher
+    cluster: NodeCluster, raw: RawClient, watcher: Watcher
 ) -> None:
     before = snapshot(raw)
     reply, claimed, actual = wrong_hash_upload(raw, 1)
@@ -419,13 +279,15 @@ def test_wrong_hash_load_fails_and_stores_nothing(
     assert_healthy(cluster, raw)
 
 
-def test_wrong_hash_load_says_the_bytes_do_not_match(cluster: NodeCluster, raw: Raw) -> None:
+def test_wrong_hash_load_says_the_bytes_do_not_match(cluster: NodeCluster, raw: RawClient) -> None:
     reply, _, _ = wrong_hash_upload(raw, 2)
     refused(reply, "load", "hash")
     assert "resume" not in reply["msg"]
 
 
-def test_oversized_load_names_the_limit(cluster: NodeCluster, raw: Raw, watcher: Watcher) -> None:
+def test_oversized_load_names_the_limit(
+    cluster: NodeCluster, raw: RawClient, watcher: Watcher
+) -> None:
     before = snapshot(raw)
     song = hashlib.sha224(b"too big").hexdigest()
     size = MAX_SONG_BYTES + 1
@@ -442,7 +304,7 @@ def test_oversized_load_names_the_limit(cluster: NodeCluster, raw: Raw, watcher:
     assert_healthy(cluster, raw)
 
 
-def upload_reply(raw: Raw, data: bytes) -> dict[str, Any]:
+def upload_reply(raw: RawClient, data: bytes) -> dict[str, Any]:
     since = raw.mark()
     raw.publish(raw.topics.upload, data)
     reply: dict[str, Any] = raw.wait_json(raw.topics.reply("upload"), "the upload reply", since, 10)
@@ -450,7 +312,7 @@ def upload_reply(raw: Raw, data: bytes) -> dict[str, Any]:
 
 
 def test_oversized_whole_file_upload_names_the_limit(
-    cluster: NodeCluster, raw: Raw, watcher: Watcher
+    cluster: NodeCluster, raw: RawClient, watcher: Watcher
 ) -> None:
     before = snapshot(raw)
     data = random_bytes(3, MAX_SONG_BYTES + 1)
@@ -463,7 +325,7 @@ def test_oversized_whole_file_upload_names_the_limit(
 
 
 def test_non_audio_load_is_not_a_playable_song(
-    cluster: NodeCluster, raw: Raw, client: NSyncClient, watcher: Watcher, tmp_path: Path
+    cluster: NodeCluster, raw: RawClient, client: NSyncClient, watcher: Watcher, tmp_path: Path
 ) -> None:
     before = snapshot(raw)
     path = tmp_path / "noise.mp3"
@@ -479,7 +341,7 @@ def test_non_audio_load_is_not_a_playable_song(
 
 
 def test_non_audio_whole_file_upload_is_not_a_playable_song(
-    cluster: NodeCluster, raw: Raw, watcher: Watcher
+    cluster: NodeCluster, raw: RawClient, watcher: Watcher
 ) -> None:
     before = snapshot(raw)
     data = random_bytes(5, 30_000)

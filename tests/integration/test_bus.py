@@ -21,13 +21,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from nsync_mqtt.broker_embed import EmbeddedBroker, hash_password
 from nsync_mqtt.bus import Bus, new_paho_client, parse_broker_url
 from nsync_mqtt.errors import BrokerError
+from nsync_mqtt.testing import BrokerProcess
 
 pytestmark = pytest.mark.integration
 
 T = TypeVar("T")
 WAIT_S = 5.0
 Message = tuple[str, bytes, bool]
-BrokerFactory = Callable[[str], Any]  # conftest.BrokerProcess: start(), stop(), kill(), url, proc
+BrokerFactory = Callable[[str], BrokerProcess]
 
 
 def run(coro: Coroutine[Any, Any, T], timeout_s: float = 20.0) -> T:

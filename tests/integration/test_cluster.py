@@ -4,11 +4,10 @@ of what each node played and when."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,8 +15,15 @@ from nsync_mqtt import sinklog
 from nsync_mqtt.client import NSyncClient
 from nsync_mqtt.playlist import RATE
 from nsync_mqtt.replication import sha224_file
-from nsync_mqtt.testing import NodeCluster, NodeSpec
-from nsync_mqtt.tones import make_tone_wav
+from nsync_mqtt.testing import (
+    NodeCluster,
+    NodeSpec,
+    ok,
+    ready_cluster,
+    tone_file,
+    unique_cluster_name,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -29,55 +35,28 @@ SPECS = [
 ]
 
 
-def wait_for(pred: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-@pytest.fixture(params=["amqtt", "mosquitto"])
-def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NodeCluster]:
-    broker = request.getfixturevalue(f"{request.param}_broker")
-    c = NodeCluster(
+@pytest.fixture
+def cluster(
+    cluster_kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[NodeCluster]:
+    """A fresh cluster for every test, with a 1 MB song store."""
+    broker = request.getfixturevalue(f"{cluster_kind}_broker")
+    nodes = NodeCluster(
         broker.url,
         tmp_path / "cluster",
         SPECS,
-        cluster=f"t{uuid.uuid4().hex[:8]}",
+        cluster=unique_cluster_name(),
         timing={"upload_idle_timeout_s": 1.0},
         settings={"max_song_mb": 2, "store_cap_mb": 1},
     )
-    c.start()
-    try:
-        c.wait_ready()
+    with ready_cluster(nodes) as c:
         yield c
-    finally:
-        codes = c.stop()
-        assert all(code == 0 for code in codes.values()), f"unclean exit {codes}\n{c.logs_tail()}"
 
 
 @pytest.fixture
 def client(cluster: NodeCluster) -> Iterator[NSyncClient]:
-    c = cluster.client(timeout=5.0)
-    try:
+    with contextlib.closing(cluster.client(timeout=5.0)) as c:
         yield c
-    finally:
-        c.close()
-
-
-def tone(tmp_path: Path, name: str, seconds: float, freq: float) -> Path:
-    path = tmp_path / f"{name}.wav"
-    path.write_bytes(make_tone_wav(seconds, freq, name))
-    return path
-
-
-def ok(reply: dict[str, Any]) -> dict[str, Any]:
-    assert reply["success"], reply
-    assert set(reply) >= {"success", "command", "params", "msg", "client_req_id"}
-    return reply
 
 
 def logs(cluster: NodeCluster) -> dict[str, list[sinklog.Block]]:
@@ -107,8 +86,8 @@ def assert_in_sync(cluster: NodeCluster, song: str) -> list[tuple[int, int, int]
 
 
 def test_commands_play_in_sync(cluster: NodeCluster, client: NSyncClient, tmp_path: Path) -> None:
-    a = tone(tmp_path, "Song A", 4.0, 440.0)
-    b = tone(tmp_path, "Song B", 4.0, 660.0)
+    a = tone_file(tmp_path, "Song A", 4.0, 440.0)
+    b = tone_file(tmp_path, "Song B", 4.0, 660.0)
     ha, hb = sha224_file(a), sha224_file(b)
 
     loaded = ok(client.load_song(a))
@@ -173,8 +152,8 @@ def test_commands_play_in_sync(cluster: NodeCluster, client: NSyncClient, tmp_pa
 def test_song_end_advances_to_next(
     cluster: NodeCluster, client: NSyncClient, tmp_path: Path
 ) -> None:
-    short = tone(tmp_path, "Short", 1.2, 500.0)
-    nxt = tone(tmp_path, "Next", 2.0, 700.0)
+    short = tone_file(tmp_path, "Short", 1.2, 500.0)
+    nxt = tone_file(tmp_path, "Next", 2.0, 700.0)
     ok(client.enqueue_song(short))
     ok(client.enqueue_song(nxt))
     ok(client.play())
@@ -201,7 +180,7 @@ def test_speaker_that_missed_commands_resyncs(
         states = cluster.wait_ready()
         master = next(n for n, s in states.items() if s.get("role") == "master")
         speaker = next(n for n in cluster.specs if n != master)
-        songs = [tone(tmp_path, f"S{i}", 1.0, 300.0 + 50 * i) for i in range(3)]
+        songs = [tone_file(tmp_path, f"S{i}", 1.0, 300.0 + 50 * i) for i in range(3)]
         ok(client.load_song(songs[0]))
         assert cluster.stop_node(speaker) == 0
         for s in songs:
@@ -227,7 +206,9 @@ def test_speaker_that_missed_commands_resyncs(
 def test_store_evicts_least_recently_used_but_never_the_playlist(
     cluster: NodeCluster, client: NSyncClient, tmp_path: Path
 ) -> None:
-    a, b, c = (tone(tmp_path, name, 3.5, f) for name, f in (("EA", 400), ("EB", 500), ("EC", 600)))
+    a, b, c = (
+        tone_file(tmp_path, name, 3.5, f) for name, f in (("EA", 400), ("EB", 500), ("EC", 600))
+    )
     ok(client.enqueue_song(a))  # in the playlist: protected
     ok(client.load_song(b))  # 1.2 MB held: over the 1 MB cap, but b just arrived
     ok(client.load_song(c))  # 1.8 MB: b, used least recently and not in the playlist, goes

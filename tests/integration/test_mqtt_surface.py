@@ -4,163 +4,36 @@ payloads, retained state topics, whole-file uploads, liveness topics and the rep
 
 from __future__ import annotations
 
-import itertools
 import json
-import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from nsync_mqtt.bus import new_paho_client, parse_broker_url
+from nsync_mqtt.bus import new_paho_client
 from nsync_mqtt.client import NSyncClient
-from nsync_mqtt.messages import Topics
-from nsync_mqtt.testing import NodeCluster, NodeSpec, Watcher
+from nsync_mqtt.testing import (
+    REPLY_KEYS,
+    NodeCluster,
+    RawClient,
+    Watcher,
+    load_and_enqueue,
+    ok,
+    tone_file,
+    wait_for,
+)
 from nsync_mqtt.tones import make_tone_wav
 
 pytestmark = pytest.mark.integration
 
-SPECS = [NodeSpec("n1"), NodeSpec("n2"), NodeSpec("n3")]
-REPLY_KEYS = {"success", "command", "params", "msg", "client_req_id"}
-
-
-def wait_for(pred: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-@dataclass(frozen=True)
-class Msg:
-    topic: str
-    payload: bytes
-    retain: bool
-
-
-class Raw:
-    """A plain MQTT client, talking to NSync the way Home Assistant or mosquitto_pub do."""
-
-    def __init__(
-        self, broker_url: str, cluster: str, subscriptions: list[str], client_id: str = ""
-    ) -> None:
-        self.topics = Topics(cluster)
-        self.reply_to = client_id or f"raw-{uuid.uuid4().hex[:8]}"
-        self.url = parse_broker_url(broker_url)
-        self.messages: list[Msg] = []
-        self._cond = threading.Condition()
-        self._ids = itertools.count(1)
-        subscribed = threading.Event()
-        self._client = new_paho_client(self.reply_to, self.url)
-        self._client.on_connect = lambda c, *_: c.subscribe([(t, 1) for t in subscriptions])
-        self._client.on_subscribe = lambda *_: subscribed.set()
-        self._client.on_message = self._on_message
-        self._client.connect_async(self.url.host, self.url.port)
-        self._client.loop_start()
-        assert subscribed.wait(5), "raw client could not subscribe"
-
-    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        with self._cond:
-            self.messages.append(Msg(msg.topic, bytes(msg.payload), bool(msg.retain)))
-            self._cond.notify_all()
-
-    def publish(self, topic: str, payload: bytes | str, retain: bool = False) -> None:
-        self._client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
-
-    def mark(self) -> int:
-        with self._cond:
-            return len(self.messages)
-
-    def wait(
-        self, pred: Callable[[Msg], bool], what: str, since: int = 0, timeout_s: float = 5.0
-    ) -> Msg:
-        deadline = time.monotonic() + timeout_s
-        with self._cond:
-            while True:
-                for m in self.messages[since:]:
-                    if pred(m):
-                        return m
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-                self._cond.wait(remaining)
-
-    def request(self, verb: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Publish a JSON command with reply_to and return the reply object."""
-        req_id = f"{self.reply_to}-{next(self._ids)}"
-        since = self.mark()
-        payload = {**(body or {}), "client_req_id": req_id, "reply_to": self.reply_to}
-        self.publish(self.topics.cmd(verb), json.dumps(payload))
-        topic = self.topics.reply(self.reply_to)
-        msg = self.wait(
-            lambda m: m.topic == topic and json.loads(m.payload).get("client_req_id") == req_id,
-            f"the reply to {verb}",
-            since,
-        )
-        reply: dict[str, Any] = json.loads(msg.payload)
-        return reply
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
-
-
-@pytest.fixture(scope="module", params=["amqtt", "mosquitto"])
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture(scope="module")
-def cluster(
-    kind: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[NodeCluster]:
-    broker = request.getfixturevalue(f"{kind}_broker")
-    c = NodeCluster(
-        broker.url,
-        tmp_path_factory.mktemp("surface"),
-        SPECS,
-        cluster=f"t{uuid.uuid4().hex[:8]}",
-        timing={"upload_idle_timeout_s": 1.0},
-        settings={"max_song_mb": 2},
-    )
-    c.start()
-    try:
-        c.wait_ready()
-        yield c
-    finally:
-        codes = c.stop()
-        assert all(code == 0 for code in codes.values()), f"unclean exit {codes}\n{c.logs_tail()}"
-
-
-@pytest.fixture(scope="module")
-def client(cluster: NodeCluster) -> Iterator[NSyncClient]:
-    c = cluster.client(timeout=5.0)
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-@pytest.fixture(scope="module")
-def watcher(cluster: NodeCluster) -> Iterator[Watcher]:
-    with cluster.watch() as w:
-        yield w
-
 
 @pytest.fixture
-def raw(cluster: NodeCluster) -> Iterator[Raw]:
+def raw(cluster: NodeCluster) -> Iterator[RawClient]:
     base = f"nsync/{cluster.cluster}"
-    r = Raw(cluster.broker_url, cluster.cluster, [f"{base}/reply/#", f"{base}/node/+/status"])
-    try:
+    subscriptions = [f"{base}/reply/#", f"{base}/node/+/status"]
+    with RawClient(cluster.broker_url, cluster.cluster, subscriptions) as r:
         yield r
-    finally:
-        r.close()
 
 
 @pytest.fixture(scope="module")
@@ -168,16 +41,8 @@ def song(
     cluster: NodeCluster, client: NSyncClient, tmp_path_factory: pytest.TempPathFactory
 ) -> str:
     """A 3 s tone, loaded on the cluster and slotted as the current song."""
-    path = tmp_path_factory.mktemp("songs") / "surface.wav"
-    path.write_bytes(make_tone_wav(3.0, 440.0, "Surface Tone"))
-    song = str(ok(client.load_song(path))["params"]["song"])
-    ok(client.enqueue_song(song))
-    return song
-
-
-def ok(reply: dict[str, Any]) -> dict[str, Any]:
-    assert reply["success"] is True, reply
-    return reply
+    path = tone_file(tmp_path_factory.mktemp("songs"), "Surface Tone", 3.0, 440.0)
+    return load_and_enqueue(client, path)
 
 
 def master_of(watcher: Watcher) -> str:
@@ -211,7 +76,7 @@ def test_status_and_node_topics_describe_the_cluster(
 
 
 def test_plain_volume_payloads_update_retained_state(
-    client: NSyncClient, raw: Raw, watcher: Watcher
+    client: NSyncClient, raw: RawClient, watcher: Watcher
 ) -> None:
     ok(client.volume(40))
     wait_for(lambda: retained_value(watcher, "volume", b"40"), 5, "volume 40")
@@ -228,7 +93,7 @@ def test_plain_volume_payloads_update_retained_state(
 
 
 def test_empty_payload_play_and_pause(
-    song: str, client: NSyncClient, raw: Raw, watcher: Watcher
+    song: str, client: NSyncClient, raw: RawClient, watcher: Watcher
 ) -> None:
     wait_for(lambda: retained_value(watcher, "song", song.encode()), 5, "the slotted song")
     try:
@@ -250,16 +115,18 @@ def test_empty_payload_play_and_pause(
 
 def retained_command_is_held(cluster: NodeCluster, verb: str, payload: bytes) -> None:
     """A newly connecting subscriber is handed ``payload`` as a retained command."""
-    probe = Raw(cluster.broker_url, cluster.cluster, [f"nsync/{cluster.cluster}/cmd/{verb}"])
-    try:
+    topic = f"nsync/{cluster.cluster}/cmd/{verb}"
+    with RawClient(cluster.broker_url, cluster.cluster, [topic]) as probe:
         got = probe.wait(lambda m: m.topic.endswith(f"/cmd/{verb}"), "the retained command")
         assert (got.payload, got.retain) == (payload, True)
-    finally:
-        probe.close()
 
 
 def test_retained_command_does_not_replay_to_a_connecting_node(
-    kind: str, cluster: NodeCluster, client: NSyncClient, raw: Raw, watcher: Watcher
+    cluster_kind: str,
+    cluster: NodeCluster,
+    client: NSyncClient,
+    raw: RawClient,
+    watcher: Watcher,
 ) -> None:
     ok(client.volume(20))
     topic = raw.topics.cmd("volume")
@@ -279,7 +146,7 @@ def test_retained_command_does_not_replay_to_a_connecting_node(
             15,
         )
         cluster.wait_ready()
-        if kind == "mosquitto":
+        if cluster_kind == "mosquitto":
             # a second connection with the master's client id makes Mosquitto drop the master;
             # it reconnects and re-subscribes, still master, and is handed the retained command
             master = master_of(watcher)
@@ -300,7 +167,7 @@ def test_retained_command_does_not_replay_to_a_connecting_node(
 
 
 def test_whole_file_upload_then_enqueue_by_title(
-    cluster: NodeCluster, raw: Raw, watcher: Watcher
+    cluster: NodeCluster, raw: RawClient, watcher: Watcher
 ) -> None:
     title = f"Upload {uuid.uuid4().hex[:6]}"
     data = make_tone_wav(1.5, 587.0, title, "Surface Artist")
@@ -333,7 +200,7 @@ def test_whole_file_upload_then_enqueue_by_title(
     assert watcher.json("state")["playlist"] == playlist()
 
 
-def test_reply_objects_have_exactly_the_documented_keys(raw: Raw) -> None:
+def test_reply_objects_have_exactly_the_documented_keys(raw: RawClient) -> None:
     status = ok(raw.request("status"))
     assert set(status) == REPLY_KEYS | {"state"}
     assert status["command"] == "status" and isinstance(status["msg"], str)
@@ -360,7 +227,7 @@ def test_reply_objects_have_exactly_the_documented_keys(raw: Raw) -> None:
 
 
 def test_node_status_goes_offline_when_its_node_stops(
-    cluster: NodeCluster, raw: Raw, watcher: Watcher
+    cluster: NodeCluster, raw: RawClient, watcher: Watcher
 ) -> None:
     """Runs last: it stops two of the three nodes."""
     master = master_of(watcher)
