@@ -13,7 +13,6 @@ import json
 import math
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -24,86 +23,20 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-MOSQUITTO = Path("/usr/sbin/mosquitto")
-MOSQUITTO_CONF = REPO / "config" / "mosquitto-test.conf"
 BROKERS = ("amqtt", "mosquitto")
-BROKER_START_TIMEOUT_S = 10.0
 
 if str(REPO) not in sys.path:  # run as `python bench/bench_X.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-from nsync_mqtt.testing import free_port  # noqa: E402
+from nsync_mqtt import testing  # noqa: E402
+from nsync_mqtt.testing import MOSQUITTO, free_port  # noqa: E402
 
 
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-class BrokerProcess:
-    """An amqtt or Mosquitto broker subprocess on a free loopback port."""
+class BrokerProcess(testing.BrokerProcess):
+    """The shared broker process on a free loopback port, which can report its version."""
 
     def __init__(self, kind: str, workdir: Path) -> None:
-        if kind not in BROKERS:
-            raise ValueError(f"unknown broker {kind!r}; one of {', '.join(BROKERS)}")
-        self.kind = kind
-        self.port = free_port()
-        self.workdir = Path(workdir)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = self.workdir / f"{kind}-{self.port}.log"
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def _command(self) -> list[str]:
-        if self.kind == "amqtt":
-            code = (
-                "import sys; from nsync_mqtt.broker_embed import run_broker; "
-                f"sys.exit(run_broker('127.0.0.1', {self.port}, None))"
-            )
-            return [sys.executable, "-c", code]
-        if not MOSQUITTO.exists():
-            raise RuntimeError(f"mosquitto is not installed ({MOSQUITTO} missing)")
-        text = MOSQUITTO_CONF.read_text().replace(
-            "listener 1883 127.0.0.1", f"listener {self.port} 127.0.0.1"
-        )
-        if f"listener {self.port} 127.0.0.1" not in text:
-            raise RuntimeError(f"{MOSQUITTO_CONF} has no 'listener 1883 127.0.0.1' line")
-        conf = self.workdir / f"mosquitto-{self.port}.conf"
-        conf.write_text(text)
-        return [str(MOSQUITTO), "-c", str(conf)]
-
-    def start(self) -> BrokerProcess:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                self._command(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + BROKER_START_TIMEOUT_S
-        while not port_open(self.port):
-            if self.proc.poll() is not None:
-                self.proc = None
-                raise RuntimeError(f"{self.kind} exited at start:\n{self.log.read_text()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{self.kind} did not listen on {self.port} in time")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        super().__init__(kind, free_port(), workdir)
 
     def version(self) -> str:
         if self.kind == "amqtt":
@@ -111,12 +44,6 @@ class BrokerProcess:
         out = subprocess.run([str(MOSQUITTO), "-h"], capture_output=True, text=True, check=False)
         first = (out.stdout or out.stderr).splitlines()
         return first[0].strip() if first else "mosquitto"
-
-    def __enter__(self) -> BrokerProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 @contextlib.contextmanager

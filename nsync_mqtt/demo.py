@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from nsync_mqtt import sinklog, tones
 from nsync_mqtt.bus import new_paho_client, parse_broker_url
 from nsync_mqtt.client import NSyncClient, Reply
 from nsync_mqtt.messages import Topics
+from nsync_mqtt.testing import free_port, port_open
 
 CLUSTER = "home"
 TRACKS = (("Demo A", 440.0), ("Demo B", 554.37), ("Demo C", 659.25))
@@ -63,20 +63,6 @@ def clock_settings(i: int) -> tuple[float, float]:
     drifts = (0.0, 40.0, -30.0)
     rnd = i // 3
     return offsets[i % 3] + rnd * 61.125 * (-1) ** rnd, drifts[i % 3] + rnd * 7.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -527,7 +513,7 @@ def _run(
     first = nodes[0]
     start_node(first, ids, url, tmp / first.id, sink, f"127.0.0.1:{port}")
     deadline = time.monotonic() + BROKER_UP_TIMEOUT_S
-    while not _port_open(port):
+    while not port_open(port):
         if not first.alive() or time.monotonic() > deadline:
             _say(f"the embedded broker in n1 did not come up:\n{_tails_of_logs(nodes[:1])}")
             return 1
