@@ -1,28 +1,42 @@
-"""The node's MQTT connection: paho-mqtt in its own thread, handlers run in the asyncio loop.
+"""The node's MQTT connection: paho-mqtt driven by the asyncio loop, no network thread.
 
+- paho runs inside the event loop: the loop watches the socket (``add_reader``, and
+  ``add_writer`` while paho has bytes to send), keepalive pings go out from a once-a-second
+  tick, and handlers run straight from paho's message callback. A message therefore costs no
+  hand-over between threads on the way in or out.
 - Protocol MQTT 3.1.1 only (the embedded amqtt broker has no MQTT 5), clean sessions.
 - TCP_NODELAY is set on every (re)connect: paho never sets it, and without it every
   receive-then-publish exchange (acks, replies) waits ~40 ms for the peer's delayed ACK.
+- The TCP connection is opened by the loop without blocking it (name lookup, then a
+  non-blocking connect bounded by ``CONNECT_TIMEOUT_S``) and handed to paho, so a broker host
+  that is switched off does not stall playback control. Only a TLS handshake, once the host
+  answered, runs blocking (bounded by the same timeout).
+- A lost connection (broker killed, network down, keepalive expired) is reconnected with
+  exponential backoff from ``RECONNECT_MIN_DELAY_S`` to ``RECONNECT_MAX_DELAY_S``.
 - Subscriptions are remembered and restored after every reconnect (a restarted broker forgets
   them); the ``on_connect`` callback runs once they are acknowledged, so the node can republish
   its retained state.
 - Messages reach only the handler of the filter they match; anything else is dropped (amqtt
-  re-sends retained messages matching other clients' subscriptions).
+  re-sends retained messages matching other clients' subscriptions). A handler that raises is
+  logged and delivery goes on.
 - Several broker URLs form a failover list: when the current broker has been unreachable for
   ``failover_after_s``, the next one is tried, round robin. All URLs of one list must agree on
   TLS (``mqtt://`` or ``mqtts://``).
+- ``close()`` sends DISCONNECT, so the broker does not publish the last will.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
@@ -34,12 +48,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 MAX_INFLIGHT_MESSAGES = 64
-CONNECT_TIMEOUT_S = 2.0
+CONNECT_TIMEOUT_S = 2.0  # TCP connect (and TLS handshake) per attempt
 RECONNECT_MIN_DELAY_S = 0.1
 RECONNECT_MAX_DELAY_S = 2.0
 FAILOVER_AFTER_S = 3.0
+TICK_S = 1.0  # keepalive checks; must stay well below the keepalive interval
+CLOSE_TIMEOUT_S = 2.0  # close() waits this long for queued messages and the DISCONNECT
 
 Handler = Callable[[str, bytes, bool], None]
+_C = TypeVar("_C", bound=mqtt.Client)
 
 
 @dataclass(frozen=True)
@@ -106,9 +123,8 @@ def _set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
         pass
 
 
-def new_paho_client(client_id: str, url: BrokerURL) -> mqtt.Client:
-    """A paho client set up the NSync way: MQTT 3.1.1, TCP_NODELAY, deep queues, credentials."""
-    client = mqtt.Client(
+def _new_client(cls: type[_C], client_id: str, url: BrokerURL) -> _C:
+    client = cls(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=mqtt.MQTTv311,
@@ -125,8 +141,59 @@ def new_paho_client(client_id: str, url: BrokerURL) -> mqtt.Client:
     return client
 
 
+def new_paho_client(client_id: str, url: BrokerURL) -> mqtt.Client:
+    """A paho client set up the NSync way: MQTT 3.1.1, TCP_NODELAY, deep queues, credentials."""
+    return _new_client(mqtt.Client, client_id, url)
+
+
+class _HandOverClient(mqtt.Client):
+    """A paho client that adopts a TCP connection the event loop has already opened.
+
+    paho's own connect blocks the calling thread in ``socket.create_connection``; the bus opens
+    the connection without blocking the loop and leaves it in ``connected_socket`` for paho's
+    next (re)connect to pick up.
+    """
+
+    connected_socket: socket.socket | None = None
+
+    def _create_socket_connection(self) -> socket.socket:
+        sock, self.connected_socket = self.connected_socket, None
+        if sock is None:
+            return super()._create_socket_connection()
+        sock.settimeout(self.connect_timeout)  # as paho's own, for a TLS handshake
+        return sock
+
+
+async def _open_tcp(host: str, port: int) -> socket.socket:
+    """A connected TCP socket to host:port, opened without blocking the event loop."""
+    loop = asyncio.get_running_loop()
+    try:  # an IP address needs no lookup (and no executor thread)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"{host} has no address")
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+        except OSError as err:
+            sock.close()
+            error = err
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise error
+
+
 class Bus:
-    """One node's connection to the MQTT broker (or to the first reachable of several)."""
+    """One node's connection to the MQTT broker (or to the first reachable of several).
+
+    Everything but ``publish`` is meant to be called from the thread of the event loop that
+    ran ``start()``; ``publish`` may be called from any thread.
+    """
 
     def __init__(
         self,
@@ -149,30 +216,36 @@ class Bus:
         self._keepalive_s = keepalive_s
         self._failover_after_s = failover_after_s
 
-        self._lock = threading.Lock()
         self._subs: dict[str, int] = {}  # topic filter -> qos
         self._connected = False
         self._closing = False
         # host monotonic time at which the message being handled was read off the socket (set
-        # before each handler runs, in the loop thread): clock sync stamps with it, so the
-        # hand-over from the network thread to the loop does not count as network delay
+        # right before each handler runs): clock sync stamps with it
         self.received_at = 0.0
         self._restore_mid: int | None = None
         self._url_index = 0
         self._down_since = time.monotonic()
-        self._last_error = "no answer"
+        self._last_error = ""  # why the last connect attempt failed
+        self._retry_delay_s = RECONNECT_MIN_DELAY_S
+        self._retry_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._ready: asyncio.Event | None = None
+        self._loop_thread = 0
+        self._ready = asyncio.Event()  # connected and subscriptions restored
+        self._wake = asyncio.Event()  # the connection dropped: reconnect
+        self._socket_closed = asyncio.Event()
+        self._in_read = False  # paho is processing received packets (and calling handlers)
+        self._task: asyncio.Task[None] | None = None
         self._started = False
 
-        client = new_paho_client(client_id, self._urls[0])
-        client.reconnect_delay_set(RECONNECT_MIN_DELAY_S, RECONNECT_MAX_DELAY_S)  # type: ignore[arg-type]
+        client = _new_client(_HandOverClient, client_id, self._urls[0])
         if will is not None:
             topic, payload, retain = will
             client.will_set(topic, payload, qos=1, retain=retain)
-        client.on_pre_connect = self._paho_pre_connect
+        client.on_socket_open = self._paho_socket_open
+        client.on_socket_close = self._paho_socket_close
+        client.on_socket_register_write = self._paho_register_write
+        client.on_socket_unregister_write = self._paho_unregister_write
         client.on_connect = self._paho_connect
-        client.on_connect_fail = self._paho_connect_fail
         client.on_disconnect = self._paho_disconnect
         client.on_subscribe = self._paho_subscribe
         self._client = client
@@ -192,12 +265,9 @@ class Bus:
             raise BrokerError("bus already started")
         self._started = True
         self._loop = asyncio.get_running_loop()
-        self._ready = asyncio.Event()
-        client = self._client
-        first = self._urls[0]
+        self._loop_thread = threading.get_ident()
         self._down_since = time.monotonic()
-        client.connect_async(first.host, first.port, self._keepalive_s)
-        client.loop_start()
+        self._task = self._loop.create_task(self._maintain(), name="nsync-bus")
         try:
             await asyncio.wait_for(self._ready.wait(), timeout_s)
         except TimeoutError:
@@ -205,7 +275,7 @@ class Bus:
             tried = f" (tried {', '.join(map(str, self._urls))})" if len(self._urls) > 1 else ""
             raise BrokerError(
                 f"could not connect to the MQTT broker within {timeout_s:g} s{tried}: "
-                f"{self._last_error}"
+                f"{self._last_error or f'{self.url} did not answer'}"
             ) from None
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
@@ -214,82 +284,172 @@ class Bus:
         May be called before start(); the subscription then goes out with the first connect.
         """
         self._client.message_callback_add(topic_filter, self._make_callback(handler))
-        with self._lock:
-            self._subs[topic_filter] = qos
-            if self._connected:
-                self._client.subscribe(topic_filter, qos)
+        self._subs[topic_filter] = qos
+        if self._connected:
+            self._client.subscribe(topic_filter, qos)
 
     def unsubscribe(self, topic_filter: str) -> None:
-        with self._lock:
-            known = self._subs.pop(topic_filter, None) is not None
-            if known and self._connected:
-                self._client.unsubscribe(topic_filter)
+        known = self._subs.pop(topic_filter, None) is not None
+        if known and self._connected:
+            self._client.unsubscribe(topic_filter)
         self._client.message_callback_remove(topic_filter)
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> None:
-        """Queue a message; never blocks. Queued QoS 1 messages go out after a reconnect."""
-        if self._closing:
-            log.debug("bus closed, dropping message on %s", topic)
+        """Queue a message; never blocks. Queued QoS 1 messages go out after a reconnect.
+
+        Callable from any thread: off the loop thread, the message is handed to the loop.
+        """
+        loop = self._loop
+        if loop is not None and threading.get_ident() != self._loop_thread:
+            try:
+                loop.call_soon_threadsafe(self._publish, topic, payload, qos, retain)
+            except RuntimeError:  # loop closed while shutting down
+                log.debug("event loop closed, dropping message on %s", topic)
             return
-        self._client.publish(topic, payload, qos, retain)
+        self._publish(topic, payload, qos, retain)
 
     async def close(self) -> None:
-        """Disconnect cleanly (no last will) and stop the network thread."""
+        """Disconnect cleanly (queued messages, then DISCONNECT: no last will)."""
         if self._closing:
             return
         self._closing = True
         if not self._started:
             return
-        self._client.disconnect()
-        await asyncio.to_thread(self._client.loop_stop)
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        client = self._client
+        if client.socket() is not None:
+            self._socket_closed.clear()
+            client.disconnect()  # paho closes the socket once the DISCONNECT is written
+            try:
+                await asyncio.wait_for(self._socket_closed.wait(), CLOSE_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("%s did not take the DISCONNECT in time, dropping it", self.url)
+                client._sock_close()  # paho has no public way to drop a socket
         self._connected = False
 
-    # --- internals: paho thread -------------------------------------------------------------
+    # --- internals: connection upkeep ---------------------------------------------------------
 
-    def _make_callback(
-        self, handler: Handler
-    ) -> Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]:
-        # paho decodes payloads with struct.unpack, so they are always bytes at run time.
-        def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-            loop = self._loop
-            if loop is None:
-                return
-            received = time.monotonic()
+    async def _maintain(self) -> None:
+        """Connect, send keepalive pings, and reconnect with backoff whenever the link drops."""
+        client = self._client
+        while True:
+            self._wake.clear()
             try:
-                loop.call_soon_threadsafe(
-                    self._run_handler,
-                    handler,
-                    msg.topic,
-                    cast(bytes, msg.payload),
-                    msg.retain,
-                    received,
-                )
-            except RuntimeError:  # loop closed while shutting down
-                pass
+                if client.socket() is None and time.monotonic() >= self._retry_at:
+                    await self._connect_once()
+                if client.socket() is not None:
+                    client.loop_misc()  # PINGREQ when due; drops a link that stopped answering
+            except Exception:  # never let one bad attempt end the upkeep
+                log.exception("MQTT connection upkeep failed")
+                if client.socket() is None:
+                    self._schedule_retry()
+            wait_s = TICK_S
+            if client.socket() is None:
+                wait_s = min(TICK_S, max(0.0, self._retry_at - time.monotonic()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait_s)
 
-        return on_message
-
-    def _call_in_loop(self, fn: Callable[[], None]) -> None:
-        loop = self._loop
-        if loop is None or self._closing:
-            return
-        try:
-            loop.call_soon_threadsafe(fn)
-        except RuntimeError:  # loop closed while shutting down
-            pass
-
-    def _paho_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
+    async def _connect_once(self) -> None:
         now = time.monotonic()
         if len(self._urls) > 1 and now - self._down_since >= self._failover_after_s:
             self._url_index = (self._url_index + 1) % len(self._urls)
             self._down_since = now
             log.warning("broker unreachable, trying %s", self.url)
         url = self.url
-        # paho's host/port setters refuse changes while a reconnect is in progress; paho 2.x
-        # keeps them in these attributes and reads them right after this callback.
-        client._host = url.host
-        client._port = url.port
+        try:
+            sock = await asyncio.wait_for(_open_tcp(url.host, url.port), CONNECT_TIMEOUT_S)
+        except TimeoutError:
+            self._connect_failed(f"{url} is unreachable (no answer in {CONNECT_TIMEOUT_S:g} s)")
+            return
+        except OSError as err:
+            self._connect_failed(f"{url} is unreachable ({err.strerror or err})")
+            return
+        client = self._client
         client.username_pw_set(url.username, url.password)
+        client.connect_async(url.host, url.port, self._keepalive_s)
+        client.connected_socket = sock
+        try:
+            client.reconnect()  # adopts sock, registers it with the loop, queues CONNECT
+        except (OSError, ValueError) as err:  # TLS handshake or certificate
+            sock.close()
+            self._connect_failed(f"{url}: {err}")
+        finally:
+            client.connected_socket = None
+
+    def _connect_failed(self, error: str) -> None:
+        if error != self._last_error:
+            log.debug("%s", error)
+        self._last_error = error
+        self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        self._retry_at = time.monotonic() + self._retry_delay_s
+        self._retry_delay_s = min(2 * self._retry_delay_s, RECONNECT_MAX_DELAY_S)
+        self._wake.set()
+
+    def _publish(self, topic: str, payload: bytes | str, qos: int, retain: bool) -> None:
+        if self._closing:
+            log.debug("bus closed, dropping message on %s", topic)
+            return
+        client = self._client
+        client.publish(topic, payload, qos, retain)
+        if not self._in_read and client.want_write():
+            client.loop_write()  # send now; handlers' messages go out when the read is done
+
+    # --- internals: paho callbacks, all in the loop thread ------------------------------------
+
+    def _paho_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        _set_nodelay(client, userdata, sock)
+        assert self._loop is not None
+        self._loop.add_reader(sock, self._on_readable)
+
+    def _paho_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(sock)
+        self._loop.remove_writer(sock)
+        self._socket_closed.set()
+
+    def _paho_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.add_writer(sock, client.loop_write)
+
+    def _paho_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.remove_writer(sock)
+
+    def _on_readable(self) -> None:
+        client = self._client
+        self._in_read = True
+        try:
+            client.loop_read()
+            # TLS may hold decrypted bytes the socket no longer signals: read them now
+            sock = client.socket()
+            while isinstance(sock, ssl.SSLSocket) and sock.pending() > 0:
+                client.loop_read()
+                sock = client.socket()
+        finally:
+            self._in_read = False
+        if client.want_write():
+            client.loop_write()  # replies and acks the handlers queued, without another wait
+
+    def _make_callback(
+        self, handler: Handler
+    ) -> Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]:
+        # paho decodes payloads with struct.unpack, so they are always bytes at run time.
+        def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+            if self._closing:
+                return
+            self.received_at = time.monotonic()
+            try:
+                handler(msg.topic, cast(bytes, msg.payload), msg.retain)
+            except Exception:
+                log.exception("handler for %s failed", msg.topic)
+
+        return on_message
 
     def _paho_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
@@ -299,16 +459,15 @@ class Bus:
             if error != self._last_error:
                 log.warning("%s", error)
             self._last_error = error
-            return
-        with self._lock:
-            self._connected = True
-            subs = list(self._subs.items())
+            return  # paho drops the connection; _paho_disconnect schedules the retry
+        self._connected = True
+        self._retry_delay_s = RECONNECT_MIN_DELAY_S
         log.info("connected to %s", self.url)
-        if subs:
-            _, mid = client.subscribe(subs)
+        if self._subs:
+            _, mid = client.subscribe(list(self._subs.items()))
             self._restore_mid = mid
         else:
-            self._call_in_loop(self._on_ready)
+            self._on_ready()
 
     def _paho_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any
@@ -318,51 +477,36 @@ class Bus:
                 log.warning("broker %s refused a subscription: %s", self.url, reason)
         if mid == self._restore_mid:
             self._restore_mid = None
-            self._call_in_loop(self._on_ready)
-
-    def _paho_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._last_error = f"{self.url} is unreachable"
+            self._on_ready()
 
     def _paho_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
-        with self._lock:
-            was_connected, self._connected = self._connected, False
-        if not was_connected:
-            return
-        self._down_since = time.monotonic()
+        was_connected, self._connected = self._connected, False
         self._restore_mid = None
-        if not self._closing:
-            log.warning("lost the connection to %s (%s), reconnecting", self.url, reason)
-            self._call_in_loop(self._on_lost)
-
-    # --- internals: loop thread -------------------------------------------------------------
-
-    def _on_ready(self) -> None:
-        if self._closing or not self._connected:
+        if self._closing:
             return
-        if self._ready is not None:
-            self._ready.set()
-        if self._on_connect_cb is not None:
-            try:
-                self._on_connect_cb()
-            except Exception:
-                log.exception("on_connect callback failed")
+        if was_connected:
+            self._down_since = time.monotonic()
+            log.warning("lost the connection to %s (%s), reconnecting", self.url, reason)
+            if self._on_disconnect_cb is not None and self._loop is not None:
+                # later, not from inside the publish() whose write found the link gone
+                self._loop.call_soon(self._on_lost)
+        self._schedule_retry()
 
     def _on_lost(self) -> None:
-        if self._on_disconnect_cb is not None:
+        if self._on_disconnect_cb is not None and not self._closing:
             try:
                 self._on_disconnect_cb()
             except Exception:
                 log.exception("on_disconnect callback failed")
 
-    def _run_handler(
-        self, handler: Handler, topic: str, payload: bytes, retain: bool, received: float
-    ) -> None:
-        if self._closing:
+    def _on_ready(self) -> None:
+        if self._closing or not self._connected:
             return
-        self.received_at = received
-        try:
-            handler(topic, payload, retain)
-        except Exception:
-            log.exception("handler for %s failed", topic)
+        self._ready.set()
+        if self._on_connect_cb is not None:
+            try:
+                self._on_connect_cb()
+            except Exception:
+                log.exception("on_connect callback failed")
