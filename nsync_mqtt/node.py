@@ -28,6 +28,7 @@ from nsync_mqtt.clock import SimClock
 from nsync_mqtt.config import NodeConfig, parse_host_port
 from nsync_mqtt.errors import CommandError, NSyncError, ProtocolError
 from nsync_mqtt.messages import Message, Topics, check_hash, decode, decode_chunk, encode
+from nsync_mqtt.persist import Durable, StateFile
 from nsync_mqtt.playlist import (
     PLAYING,
     RATE,
@@ -45,7 +46,9 @@ from nsync_mqtt.vote import (
     BecameMaster,
     Effect,
     Election,
+    GrantPreVote,
     GrantVote,
+    RequestPreVotes,
     RequestVotes,
     Role,
     SendHeartbeat,
@@ -155,9 +158,23 @@ class Node:
         )
         self.pcm = audio.PcmCache(cfg.data_dir / "pcm")
         self.sink = audio.make_sink(cfg.sink, cfg.sink_log, cfg.dac_drift_ppm)
-        self.election = Election(cfg.id, cfg.peers, self.timing, self.rng, self.clock.now())
+        self.state_file = StateFile(cfg.data_dir / "state.json")
+        durable = self.state_file.load()
+        self.election = Election(
+            cfg.id,
+            cfg.peers,
+            self.timing,
+            self.rng,
+            self.clock.now(),
+            term=durable.term,
+            voted_for=durable.voted_for,
+            last_log=durable.last_log,
+        )
         self.est = ClockEstimator(calibration_samples=self.timing.calibration_pings)
-        self.state = PlayerState()
+        # the saved playback's instants were on a clock of the past: keep the place, not the
+        # schedule (a restarted node pulls the master's state; a restarted cluster is paused)
+        self.state = durable.state.at_rest()
+        self._synced = False  # pull the master's state at the first heartbeat
         self.recovering = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.bus = Bus(
@@ -208,6 +225,7 @@ class Node:
         subs: list[tuple[str, Callable[[str, bytes, bool], None]]] = [
             (t.internal("hb"), self._on_internal),
             (t.internal("vote_req"), self._on_internal),
+            (t.internal("prevote_req"), self._on_internal),
             (t.internal("op"), self._on_internal),
             (t.internal("offer"), self._on_internal),
             (t.internal(f"to/{self.cfg.id}"), self._on_internal),
@@ -307,7 +325,14 @@ class Node:
             encode(type_, self.cfg.id, self.election.term, **body),
         )
 
+    def _persist(self) -> None:
+        """Save term, vote and player state before anything that promises them goes out."""
+        term, voted_for = self.election.vote_state()
+        self.state_file.save(Durable(term, voted_for, self.state, self.election.last_log))
+
     def _run_effects(self, effects: list[Effect]) -> None:
+        if effects:
+            self._persist()  # a vote (or a new term) is on disk before it is sent
         for eff in effects:
             if isinstance(eff, SendHeartbeat):
                 self._send(
@@ -321,6 +346,12 @@ class Node:
                 self._send("vote_req", last_log=list(eff.last_log))
             elif isinstance(eff, GrantVote):
                 self._send_to(eff.to, "vote", granted=eff.granted)
+            elif isinstance(eff, RequestPreVotes):
+                # the proposed term rides in the body: the envelope keeps our real term, so a
+                # pre-vote never raises anyone's term
+                self._send("prevote_req", next_term=eff.term, last_log=list(eff.last_log))
+            elif isinstance(eff, GrantPreVote):
+                self._send_to(eff.to, "prevote", pre_term=eff.term, granted=eff.granted)
             elif isinstance(eff, BecameMaster):
                 self._become_master()
             elif isinstance(eff, BecameFollower):
@@ -329,6 +360,7 @@ class Node:
 
     def _become_master(self) -> None:
         log.info("node %s is master for term %d", self.cfg.id, self.election.term)
+        self._was_master = True
         pb = self.state.playback
         if pb.at is not None and self.est.offset_at(self.clock.now()) is not None:
             # the playback's instants were on the old master's clock: move them onto ours
@@ -349,6 +381,10 @@ class Node:
         self._publish_node_state(force=True)
 
     def _become_follower(self, master: str | None) -> None:
+        if master is None and self._was_master:
+            log.warning("node %s steps down: no quorum heard from", self.cfg.id)
+            self.bus.publish(self.topics.status, b"offline", retain=True)
+        self._was_master = False
         log.info("node %s follows %s in term %d", self.cfg.id, master, self.election.term)
         self.pending.clear()
         if master != self._est_master:
@@ -357,6 +393,7 @@ class Node:
         self._publish_node_state(force=True)
 
     _est_master: str | None = None
+    _was_master = False
 
     # ------------------------------------------------------------------ internal messages
 
@@ -371,6 +408,7 @@ class Node:
         if msg.src == self.cfg.id:
             return
         now = self.clock.now()
+        self.election.on_peer_alive(now, msg.src)  # any message: that peer is up
         try:
             if msg.term > self.election.term:
                 self._run_effects(self.election.observe_term(now, msg.term))
@@ -389,7 +427,9 @@ class Node:
         if self._est_master != msg.src:
             self.est.reset()
             self._est_master = msg.src
-        if msg.get("index") != self.state.index or msg.get("plist") != self.state.hash:
+        if not self._synced:
+            self._request_sync("just started: pulling the master's state")
+        elif msg.get("index") != self.state.index or msg.get("plist") != self.state.hash:
             self._lag += 1
             if self._lag >= 3:
                 self._request_sync("behind the master's heartbeat")
@@ -400,6 +440,16 @@ class Node:
         last = msg.get("last_log")
         last_log = (int(last[0]), int(last[1]))
         self._run_effects(self.election.on_vote_request(now, msg.src, msg.term, last_log))
+
+    def _msg_prevote_req(self, now: float, msg: Message) -> None:
+        last = msg.get("last_log")
+        last_log = (int(last[0]), int(last[1]))
+        term = int(msg.get("next_term"))
+        self._run_effects(self.election.on_prevote_request(now, msg.src, term, last_log))
+
+    def _msg_prevote(self, now: float, msg: Message) -> None:
+        term, granted = int(msg.get("pre_term")), bool(msg.get("granted"))
+        self._run_effects(self.election.on_prevote(now, msg.src, term, granted))
 
     def _msg_vote(self, now: float, msg: Message) -> None:
         self._run_effects(self.election.on_vote(now, msg.src, msg.term, bool(msg.get("granted"))))
@@ -441,6 +491,7 @@ class Node:
             self._request_sync(str(err))
             return
         self._set_state(new)
+        self._persist()
         self._ack(msg, index, True, "")
 
     def _ack(self, msg: Message, index: Any, ok: bool, why: str) -> None:
@@ -486,8 +537,10 @@ class Node:
             return
         new = PlayerState.from_dict(msg.get("state"))
         self.recovering = False
+        self._synced = True
         self._lag = 0
         self._set_state(new)
+        self._persist()
         for song in set(new.playlist):
             if not self.store.has(song):
                 self._want(song, None)
@@ -822,6 +875,7 @@ class Node:
             )
         self._send("op", op=op)  # first: the speakers' round trip overlaps the master's own work
         self._set_state(new)
+        self._persist()  # the master's own acknowledgement: on disk before any ack is counted
         if self.majority <= 1 and req is not None:
             self._reply_ok(req, "ok")
 

@@ -93,6 +93,14 @@ class PlayerState:
         slot = self.playback.slot
         return self.playlist[slot] if 0 <= slot < len(self.playlist) else None
 
+    def at_rest(self) -> PlayerState:
+        """The same place with no schedule: playing becomes paused at the last known frame."""
+        pb = self.playback
+        if pb.at is None:
+            return self
+        state = PAUSED if pb.state == PLAYING else pb.state
+        return replace(self, playback=replace(pb, state=state, at=None))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "playlist": list(self.playlist),

@@ -332,18 +332,22 @@ class NodeCluster:
         return NSyncClient(self.broker_url, self.cluster, timeout=timeout).connect()
 
     def wait_ready(self, timeout_s: float = 30.0, calibrated: bool = True) -> dict[str, Any]:
-        """Wait until a master answers status and every node reports a calibrated clock."""
+        """Wait until every live node reports (afresh) one master, and each follower a calibrated
+        clock and the master's state."""
         deadline = time.monotonic() + timeout_s
         last: dict[str, Any] = {}
         with self.watch() as w:
             while time.monotonic() < deadline:
-                states = w.node_states()
+                states = w.node_states(live_only=True)
                 masters = [n for n, s in states.items() if s.get("role") == "master"]
                 ok = len(masters) == 1 and all(n in states for n in self.alive())
                 if ok and calibrated:
                     ok = all(
                         states[n].get("role") == "master"
-                        or (states[n].get("clock") or {}).get("calibrated")
+                        or (
+                            (states[n].get("clock") or {}).get("calibrated")
+                            and not states[n].get("recovering")
+                        )
                         for n in self.alive()
                     )
                 if ok:
@@ -383,6 +387,7 @@ class Watcher:
     def __init__(self, broker_url: str, cluster: str) -> None:
         self._lock = threading.Lock()
         self.retained: dict[str, bytes] = {}
+        self.live: set[str] = set()
         self.base = f"nsync/{cluster}"
         self._client, subscribed = _subscribed_client(
             f"watch-{uuid.uuid4().hex[:12]}", broker_url, [f"{self.base}/#"], 0, self._on_message
@@ -394,6 +399,8 @@ class Watcher:
             return  # amqtt also hands out retained messages of other subscriptions
         with self._lock:
             self.retained[msg.topic] = msg.payload
+            if not msg.retain:
+                self.live.add(msg.topic)  # published since we subscribed, not a leftover
 
     def get(self, suffix: str) -> bytes | None:
         with self._lock:
@@ -403,10 +410,12 @@ class Watcher:
         raw = self.get(suffix)
         return json.loads(raw) if raw else None
 
-    def node_states(self) -> dict[str, dict[str, Any]]:
+    def node_states(self, live_only: bool = False) -> dict[str, dict[str, Any]]:
+        """Each node's retained state; with ``live_only``, only states published since the
+        watcher subscribed (a restarted node's old retained state does not count)."""
         out = {}
         with self._lock:
-            items = list(self.retained.items())
+            items = [(t, p) for t, p in self.retained.items() if not live_only or t in self.live]
         for topic, payload in items:
             parts = topic.split("/")
             if len(parts) == 5 and parts[2] == "node" and parts[4] == "state" and payload:

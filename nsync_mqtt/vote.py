@@ -3,11 +3,24 @@
 The cluster has 2f+1 peers; a node becomes master with the votes of a majority (f+1, its own
 included). Every node starts as a follower with a randomised election timeout, drawn uniformly
 from ``[election_timeout_min_s, election_timeout_max_s)`` and re-drawn at each reset. A follower
-that hears no heartbeat before its timeout starts a new term, votes for itself and asks the others
-for their votes. A node grants one vote per term, and only to a candidate whose last applied
-operation ``(term, index)`` is at least as recent as its own, so a node that missed operations
-never becomes master. Any message carrying a higher term turns the receiver into a follower of
-that term.
+that hears no heartbeat before its timeout starts a new term (after a pre-vote, below), votes for
+itself and asks the others for their votes. A node grants one vote per term, and only to a
+candidate whose last applied operation ``(term, index)`` is at least as recent as its own, so a
+node that missed operations never becomes master. Any message carrying a higher term turns the
+receiver into a follower of that term.
+
+Two guards keep a healthy master in place (Raft thesis §9.6 and §6.2):
+
+- Pre-vote. A node whose timeout fires first becomes a pre-candidate: it keeps its term and asks
+  whether the others would vote for it in the next term. A peer says yes only if it too has not
+  heard from a master for ``election_timeout_min_s``, is not master itself, and the asker's log is
+  at least as recent as its own. Only with a majority of yeses does the node start a real
+  election. A node cut off from the cluster thus never inflates its term, and cannot depose the
+  master when it returns.
+- Step-down on lost quorum. The driver reports every message from a peer (``on_peer_alive``). A
+  master that has not heard from a majority (itself included) within ``election_timeout_max_s``
+  becomes a follower, so a master cut off from the others stops acting as one while the majority
+  side elects a new master.
 
 The election reads no clock and touches no network: the driver passes ``now`` with every event,
 calls ``tick`` at ``deadline()``, and carries out the effects returned.
@@ -26,6 +39,7 @@ from nsync_mqtt.timing import Timing
 
 class Role(enum.Enum):
     FOLLOWER = "follower"
+    PRECANDIDATE = "precandidate"
     CANDIDATE = "candidate"
     MASTER = "master"
 
@@ -41,6 +55,23 @@ class RequestVotes:
 @dataclass(frozen=True)
 class GrantVote:
     """Answer the candidate ``to``: vote granted or refused in ``term``."""
+
+    to: str
+    term: int
+    granted: bool
+
+
+@dataclass(frozen=True)
+class RequestPreVotes:
+    """Broadcast a pre-vote request: would the others vote for us in ``term`` (ours + 1)?"""
+
+    term: int
+    last_log: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class GrantPreVote:
+    """Answer the pre-candidate ``to``: the proposed ``term`` if granted, else our own term."""
 
     to: str
     term: int
@@ -67,7 +98,15 @@ class BecameFollower:
     master: str | None
 
 
-Effect = RequestVotes | GrantVote | SendHeartbeat | BecameMaster | BecameFollower
+Effect = (
+    RequestPreVotes
+    | GrantPreVote
+    | RequestVotes
+    | GrantVote
+    | SendHeartbeat
+    | BecameMaster
+    | BecameFollower
+)
 
 
 class Election:
@@ -83,6 +122,7 @@ class Election:
         term: int = 0,
         voted_for: str | None = None,
         last_log: tuple[int, int] = (0, 0),
+        prevote: bool = True,
     ) -> None:
         if len(set(peers)) != len(peers):
             raise ConfigError(f"peers: duplicate node id in {list(peers)!r}")
@@ -100,7 +140,11 @@ class Election:
         self.voted_for = voted_for
         self.master: str | None = None
         self.last_log = last_log
+        self.prevote = prevote
         self._votes: set[str] = set()
+        self._prevotes: set[str] = set()
+        self._master_heard_at: float | None = None  # last heartbeat accepted from a master
+        self._peer_heard_at: dict[str, float] = {}  # last message from each peer
         self._deadline = 0.0
         self._reset_timeout(now)
 
@@ -120,10 +164,14 @@ class Election:
         if now < self._deadline:
             return []
         if self.role is Role.MASTER:
+            if not self._has_quorum(now):
+                return self._step_down(now)
             self._deadline += self.timing.heartbeat_interval_s
             if self._deadline <= now:
                 self._deadline = now + self.timing.heartbeat_interval_s
             return [SendHeartbeat(self.term)]
+        if self.prevote:
+            return self._start_prevote(now)
         return self._start_election(now)
 
     def on_heartbeat(self, now: float, src: str, term: int) -> list[Effect]:
@@ -136,6 +184,8 @@ class Election:
             return []
         self.role = Role.FOLLOWER
         self.master = src
+        self._master_heard_at = now
+        self._prevotes.clear()
         self._reset_timeout(now)
         if before != (Role.FOLLOWER, src):
             return [BecameFollower(self.term, src)]
@@ -168,6 +218,43 @@ class Election:
             effects.extend(self._become_master(now))
         return effects
 
+    def on_prevote_request(
+        self, now: float, src: str, term: int, last_log: tuple[int, int]
+    ) -> list[Effect]:
+        """Would we vote for ``src`` in ``term``? Changes neither our term, vote nor timeout."""
+        if not self._is_peer(src):
+            return []
+        master_recent = (
+            self._master_heard_at is not None
+            and now - self._master_heard_at < self.timing.election_timeout_min_s
+        )
+        granted = (
+            self.role is not Role.MASTER
+            and not master_recent
+            and term > self.term
+            and tuple(last_log) >= self.last_log
+        )
+        return [GrantPreVote(src, term if granted else self.term, granted)]
+
+    def on_prevote(self, now: float, src: str, term: int, granted: bool) -> list[Effect]:
+        """An answer to our pre-vote request; a majority starts the real election."""
+        if not self._is_peer(src):
+            return []
+        if not granted:
+            # A refusal carries the peer's term: if it is ahead of ours, catch up.
+            return self.observe_term(now, term)
+        if self.role is not Role.PRECANDIDATE or term != self.term + 1:
+            return []
+        self._prevotes.add(src)
+        if len(self._prevotes) >= self.majority:
+            return self._start_election(now)
+        return []
+
+    def on_peer_alive(self, now: float, src: str) -> None:
+        """Any message from ``src`` arrived: a master counts it towards its quorum."""
+        if self._is_peer(src):
+            self._peer_heard_at[src] = max(now, self._peer_heard_at.get(src, now))
+
     def set_last_log(self, last_log: tuple[int, int]) -> None:
         """Record ``(term, index)`` of the last operation this node applied."""
         self.last_log = last_log
@@ -184,6 +271,7 @@ class Election:
         self.role = Role.FOLLOWER
         self.master = None
         self._votes.clear()
+        self._prevotes.clear()
         if was != (Role.FOLLOWER, None):
             return [BecameFollower(term, None)]
         return []
@@ -198,11 +286,33 @@ class Election:
         hi = self.timing.election_timeout_max_s
         self._deadline = now + lo + self._rng.random() * (hi - lo)
 
+    def _has_quorum(self, now: float) -> bool:
+        since = now - self.timing.election_timeout_max_s
+        heard = sum(1 for t in self._peer_heard_at.values() if t >= since)
+        return heard + 1 >= self.majority
+
+    def _step_down(self, now: float) -> list[Effect]:
+        self.role = Role.FOLLOWER
+        self.master = None
+        self._reset_timeout(now)
+        return [BecameFollower(self.term, None)]
+
+    def _start_prevote(self, now: float) -> list[Effect]:
+        self.role = Role.PRECANDIDATE
+        self.master = None
+        self._votes.clear()
+        self._prevotes = {self.node_id}
+        self._reset_timeout(now)
+        if len(self._prevotes) >= self.majority:
+            return self._start_election(now)
+        return [RequestPreVotes(self.term + 1, self.last_log)]
+
     def _start_election(self, now: float) -> list[Effect]:
         self.term += 1
         self.role = Role.CANDIDATE
         self.voted_for = self.node_id
         self.master = None
+        self._prevotes.clear()
         self._votes = {self.node_id}
         self._reset_timeout(now)
         if len(self._votes) >= self.majority:
@@ -212,6 +322,8 @@ class Election:
     def _become_master(self, now: float) -> list[Effect]:
         self.role = Role.MASTER
         self.master = self.node_id
+        for voter in self._votes:  # a grace period: our voters were alive a moment ago
+            self.on_peer_alive(now, voter)
         self._votes.clear()
         self._deadline = now + self.timing.heartbeat_interval_s
         return [BecameMaster(self.term), SendHeartbeat(self.term)]

@@ -224,3 +224,38 @@ def test_store_evicts_least_recently_used_but_never_the_playlist(
         wait_for(evicted, 10, "every node to evict the unprotected song")
     refused = client.enqueue_song(hb)
     assert not refused["success"] and "not loaded" in refused["msg"], refused
+
+
+def test_a_restarted_cluster_remembers_its_playlist_and_terms(
+    cluster: NodeCluster, client: NSyncClient, tmp_path: Path
+) -> None:
+    a = tone_file(tmp_path, "Kept A", 3.0, 440.0)
+    b = tone_file(tmp_path, "Kept B", 3.0, 550.0)
+    ok(client.enqueue_song(a))
+    ok(client.enqueue_song(b))
+    ok(client.play())
+    time.sleep(0.5)
+    before = ok(client.status())["state"]
+    client.close()
+    terms = {n: json_state(cluster, n)["term"] for n in cluster.specs}
+    for node in list(cluster.specs):
+        assert cluster.stop_node(node) == 0
+    for node in cluster.specs:
+        assert json_state(cluster, node)["term"] == terms[node]  # on disk as it was
+    cluster.start()
+    cluster.wait_ready()
+    with contextlib.closing(cluster.client(timeout=5.0)) as again:
+        after = ok(again.status())["state"]
+        assert after["playlist"] == before["playlist"]
+        assert (after["playback"], after["song"]) == ("paused", before["song"])
+        assert after["term"] > max(terms.values())  # a new election, in a later term
+        ok(again.play())  # and it plays on from where it was
+        time.sleep(0.5)
+        assert ok(again.status())["state"]["playback"] == "playing"
+
+
+def json_state(cluster: NodeCluster, node: str) -> dict[str, object]:
+    import json
+
+    doc: dict[str, object] = json.loads((cluster.workdir / node / "state.json").read_text())
+    return doc

@@ -16,7 +16,9 @@ from nsync_mqtt.vote import (
     BecameMaster,
     Effect,
     Election,
+    GrantPreVote,
     GrantVote,
+    RequestPreVotes,
     RequestVotes,
     Role,
     SendHeartbeat,
@@ -31,12 +33,23 @@ def node(node_id: str = "a", peers: list[str] = ABC, seed: int = 1, **kw: Any) -
 
 
 def candidate(node_id: str = "a", peers: list[str] = ABC, **kw: Any) -> Election:
-    """A node that has just timed out and asked for votes."""
+    """A node that has just timed out, won its pre-vote and asked for votes."""
     e = node(node_id, peers, **kw)
-    effects = e.tick(e.deadline())
+    now = e.deadline()
+    assert e.tick(now) == [RequestPreVotes(e.term + 1, e.last_log)]
+    assert e.role is Role.PRECANDIDATE
+    others = [p for p in peers if p != node_id]
+    for p in others[: e.majority - 2]:
+        assert e.on_prevote(now, p, e.term + 1, True) == []
+    effects = e.on_prevote(now, others[e.majority - 2], e.term + 1, True)
     assert effects == [RequestVotes(e.term, e.last_log)]
     assert e.role is Role.CANDIDATE
     return e
+
+
+@dataclass(frozen=True)
+class Alive:
+    """A follower's answer to a heartbeat (in NSync: its pings to the master)."""
 
 
 @dataclass
@@ -72,19 +85,29 @@ class Cluster:
     def _carry_out(self, src: str, effects: list[Effect]) -> None:
         for eff in effects:
             self.log.append((self.now, src, eff))
-            if isinstance(eff, (RequestVotes, SendHeartbeat)):
+            if isinstance(eff, (RequestPreVotes, RequestVotes, SendHeartbeat)):
                 for dst in self.ids:
                     if dst != src:
                         self._send(src, dst, eff)
-            elif isinstance(eff, GrantVote):
+            elif isinstance(eff, (GrantPreVote, GrantVote)):
                 self._send(src, eff.to, eff)
 
     def _deliver(self, src: str, dst: str, msg: Any) -> list[Effect]:
         n = self.nodes[dst]
+        n.on_peer_alive(self.now, src)
+        if isinstance(msg, RequestPreVotes):
+            return n.on_prevote_request(self.now, src, msg.term, msg.last_log)
+        if isinstance(msg, GrantPreVote):
+            return n.on_prevote(self.now, src, msg.term, msg.granted)
         if isinstance(msg, RequestVotes):
             return n.on_vote_request(self.now, src, msg.term, msg.last_log)
         if isinstance(msg, SendHeartbeat):
-            return n.on_heartbeat(self.now, src, msg.term)
+            effects = n.on_heartbeat(self.now, src, msg.term)
+            if n.master == src:
+                self._send(dst, src, Alive())
+            return effects
+        if isinstance(msg, Alive):
+            return []
         assert isinstance(msg, GrantVote)
         return n.on_vote(self.now, src, msg.term, msg.granted)
 
@@ -146,11 +169,14 @@ def test_master_keeps_its_term_while_heartbeats_flow() -> None:
 
 def test_split_vote_resolves_in_a_later_term() -> None:
     c = Cluster(ABC, seed=11)
-    # All three time out at once: each votes for itself, nobody can win term 1.
+    # All three time out at once: each wins its pre-vote (no master anywhere), then votes for
+    # itself, and nobody can win term 1.
     latest = max(n.deadline() for n in c.alive())
     c.now = latest
     for n in c.alive():
         c._carry_out(n.node_id, n.tick(latest))
+    assert all(n.role is Role.PRECANDIDATE and n.term == 0 for n in c.alive())
+    c.run_until(latest + 2 * c.latency_s + 0.001)
     assert all(n.role is Role.CANDIDATE and n.term == 1 for n in c.alive())
     c.run_until(latest + 0.05)
     assert c.masters() == []
@@ -188,8 +214,11 @@ def test_five_nodes_with_three_dead_never_elect() -> None:
     c.run_until(30.0)
     assert not any(isinstance(e, BecameMaster) for _, _, e in c.log)
     assert all(n.role is not Role.MASTER for n in c.nodes.values())
-    # The survivors kept trying.
-    assert max(n.term for n in c.alive()) >= 10
+    # The survivors kept trying, but a minority never wins a pre-vote, so no term was spent.
+    tries = [e for _, _, e in c.log if isinstance(e, RequestPreVotes)]
+    assert len(tries) >= 10 and all(e.term == 1 for e in tries)
+    assert all(n.term == 0 and n.role is Role.PRECANDIDATE for n in c.alive())
+    assert not any(isinstance(e, RequestVotes) for _, _, e in c.log)
 
 
 def test_killing_the_master_elects_another_in_a_higher_term() -> None:
@@ -253,7 +282,8 @@ def test_heartbeats_every_100ms_prevent_an_election_for_60s() -> None:
         assert e.tick(now) == []
     assert e.role is Role.FOLLOWER and e.term == 0 and e.master == "b"
     # Once the heartbeats stop, the timeout fires.
-    assert e.tick(now + T.election_timeout_max_s) == [RequestVotes(1, (0, 0))]
+    assert e.tick(now + T.election_timeout_max_s) == [RequestPreVotes(1, (0, 0))]
+    assert e.role is Role.PRECANDIDATE and e.term == 0 and e.master is None
 
 
 def test_one_vote_per_term_and_regrant_is_idempotent() -> None:
@@ -387,7 +417,8 @@ def test_higher_term_deposes_a_master() -> None:
 def test_restored_vote_state_is_honoured() -> None:
     e = node("c", term=3, voted_for="a")
     assert e.on_vote_request(0.1, "b", 3, (0, 0)) == [GrantVote("b", 3, False)]
-    assert e.tick(e.deadline()) == [RequestVotes(4, (0, 0))]
+    assert e.tick(e.deadline()) == [RequestPreVotes(4, (0, 0))]
+    assert e.vote_state() == (3, "a")
 
 
 def test_bad_peer_lists_are_refused() -> None:
