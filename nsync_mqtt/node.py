@@ -73,6 +73,7 @@ VERBS = {
 UNKNOWN_FRAMES = 1 << 62  # a held song whose length is not known yet
 NODE_STATE_PERIOD_S = 1.0
 NODE_ALIVE_S = 3.0
+STATE_PUBLISH_DELAY_S = 0.02  # retained state follows a change within this, coalesced
 PING_BURST_SAMPLES = 32  # samples taken quickly after a master change ...
 PING_BURST_INTERVAL_S = 0.02  # ... at this interval
 
@@ -201,6 +202,7 @@ class Node:
         self.song_events: dict[str, asyncio.Event] = {}
         self.load_errors: dict[str, str] = {}
         self._published: dict[str, bytes] = {}
+        self._state_timer: asyncio.TimerHandle | None = None
         self._node_state_sent = 0.0
         self._last_node_state: bytes | None = None
 
@@ -324,6 +326,12 @@ class Node:
             self.topics.internal(f"to/{node}"),
             encode(type_, self.cfg.id, self.election.term, **body),
         )
+
+    def _soon(self, fn: Callable[[], None]) -> None:
+        """Run `fn` right after the current message handler (and the bus's flush of what the
+        handler published), before the next message is read."""
+        assert self.loop is not None
+        self.loop.call_soon(fn)
 
     def _persist(self) -> None:
         """Save term, vote and player state before anything that promises them goes out."""
@@ -490,9 +498,10 @@ class Node:
             self._ack(msg, index, False, str(err))
             self._request_sync(str(err))
             return
-        self._set_state(new)
+        old = self._assign_state(new)
         self._persist()
-        self._ack(msg, index, True, "")
+        self._ack(msg, index, True, "")  # the promise is the durable state: the sink comes after
+        self._soon(lambda: self._state_changed(old))  # after the bus has sent the ack
 
     def _ack(self, msg: Message, index: Any, ok: bool, why: str) -> None:
         self._send("ack", index=index, ok=ok, msg=why, to=msg.src)
@@ -583,13 +592,22 @@ class Node:
     # ------------------------------------------------------------------ state and the sink
 
     def _set_state(self, new: PlayerState) -> None:
+        self._state_changed(self._assign_state(new))
+
+    def _assign_state(self, new: PlayerState) -> PlayerState:
+        """Take the new state (nothing else yet); returns the old one."""
         old = self.state
         self.state = new
         self.election.set_last_log((self.election.term, new.index))
+        return old
+
+    def _state_changed(self, old: PlayerState) -> None:
+        """Carry a state change out: the sink, and (master) the retained state."""
+        new = self.state
         if new.playback != old.playback or new.volume != old.volume:
             self._drive_sink()
         if self.is_master:
-            self._publish_state()
+            self._publish_state_soon()
 
     def _master_to_host(self, t_master: float) -> float:
         local = t_master if self.is_master else self.est.to_local(t_master)
@@ -873,11 +891,19 @@ class Node:
             self.pending[(term, new.index)] = PendingAck(
                 req, self.clock.now() + self.timing.ack_timeout_s
             )
-        self._send("op", op=op)  # first: the speakers' round trip overlaps the master's own work
-        self._set_state(new)
-        self._persist()  # the master's own acknowledgement: on disk before any ack is counted
-        if self.majority <= 1 and req is not None:
-            self._reply_ok(req, "ok")
+        self._send("op", op=op)
+        old = self._assign_state(new)
+
+        def own_part() -> None:
+            # the master's own acknowledgement: on disk before any ack is counted (acks are read
+            # after this callback). Deferred so that the bus sends the op first, once this
+            # handler returns: the speakers' round trip overlaps the fsync and the sink.
+            self._persist()
+            self._state_changed(old)
+            if self.majority <= 1 and req is not None:
+                self._reply_ok(req, "ok")
+
+        self._soon(own_part)
 
     def _expire_acks(self, now: float) -> None:
         for key, p in list(self.pending.items()):
@@ -899,6 +925,8 @@ class Node:
 
     def _reply(self, req: Request, success: bool, msg: str, **extra: Any) -> None:
         log.debug("reply to %s %s: %s %s", req.reply_to, req.verb, success, msg)
+        if self._state_timer is not None:
+            self._publish_state()  # a client that hears the reply finds the retained state current
         if req.reply_to is None:
             return
         self.bus.publish(
@@ -1049,7 +1077,16 @@ class Node:
             f"nodes {','.join(d['nodes'])}"
         )
 
+    def _publish_state_soon(self) -> None:
+        """Publish the retained state shortly, once for a burst of changes: off the path of
+        the command that changed it."""
+        if self._state_timer is None and self.loop is not None:
+            self._state_timer = self.loop.call_later(STATE_PUBLISH_DELAY_S, self._publish_state)
+
     def _publish_state(self) -> None:
+        if self._state_timer is not None:
+            self._state_timer.cancel()
+            self._state_timer = None
         doc = self._state_doc()
         self._retain(self.topics.state, json.dumps(doc, separators=(",", ":")).encode(), force=True)
         for key, value in doc.items():

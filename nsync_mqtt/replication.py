@@ -301,6 +301,7 @@ class SongStore:
         for stale in self._partial_dir.glob("*.tmp"):
             stale.unlink()
         self._sizes: dict[str, int] = {}
+        self._meta: dict[str, dict[str, Any]] = {}  # read once from meta/, then kept in memory
         for p in self._songs_dir.iterdir():
             if HASH_RE.fullmatch(p.name) and p.is_file():
                 self._sizes[p.name] = p.stat().st_size
@@ -380,6 +381,7 @@ class SongStore:
         self._discard_partial(song)
         self.path(song).unlink(missing_ok=True)
         (self._meta_dir / f"{song}.json").unlink(missing_ok=True)
+        self._meta.pop(song, None)
         self._sizes.pop(song, None)
         if self._last_used.pop(song, None) is not None:
             self._lru_dirty = True
@@ -404,13 +406,20 @@ class SongStore:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(meta, sort_keys=True))
         os.replace(tmp, path)
+        self._meta[song] = dict(meta)
 
     def meta(self, song: str) -> dict[str, Any]:
-        try:
-            value = json.loads((self._meta_dir / f"{check_hash(song)}.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
-        return value if isinstance(value, dict) else {}
+        """The song's metadata (title, artist, duration...); {} if none was set. A copy."""
+        cached = self._meta.get(song)
+        if cached is None:
+            try:
+                value = json.loads((self._meta_dir / f"{check_hash(song)}.json").read_text())
+            except (FileNotFoundError, ValueError):
+                return {}
+            if not isinstance(value, dict):
+                return {}
+            cached = self._meta[song] = value
+        return dict(cached)
 
     # -- chunked transfers ---------------------------------------------------------------
 
