@@ -198,6 +198,8 @@ class Node:
         self.holders: dict[str, set[str]] = {}
         self.node_info: dict[str, dict[str, Any]] = {}
         self.last_seen: dict[str, float] = {}
+        self.peer_seen: dict[str, float] = {}  # any message from a peer, as a follower sees it
+        self._masterless_since: float | None = None
         self.finished: dict[tuple[int, str], set[str]] = {}
         self.song_events: dict[str, asyncio.Event] = {}
         self.load_errors: dict[str, str] = {}
@@ -313,6 +315,8 @@ class Node:
             self._publish_node_state()
             if self.is_master:
                 self._expire_acks(now)
+            else:
+                self._check_isolation(now)
 
     # ------------------------------------------------------------------ effects
 
@@ -417,6 +421,7 @@ class Node:
             return
         now = self.clock.now()
         self.election.on_peer_alive(now, msg.src)  # any message: that peer is up
+        self.peer_seen[msg.src] = now
         try:
             if msg.term > self.election.term:
                 self._run_effects(self.election.observe_term(now, msg.term))
@@ -523,6 +528,34 @@ class Node:
             if pending.request is not None:
                 self._reply_ok(pending.request, "ok")
 
+    def _check_isolation(self, now: float) -> None:
+        """No master, and no election can succeed (fewer than f+1 nodes reachable, this one
+        included): stop playing, as the paper prescribes for a partition, and recover when a
+        master is heard again."""
+        if self.election.master is not None:
+            self._masterless_since = None
+            return
+        if self._masterless_since is None:
+            self._masterless_since = now
+            return
+        window = self.timing.election_timeout_max_s
+        if self.recovering or now - self._masterless_since < window:
+            return
+        heard = sum(1 for p in self.cfg.peers if now - self.peer_seen.get(p, -1e18) < window)
+        if heard + 1 >= self.majority:
+            return  # an election can still succeed: keep playing meanwhile
+        log.warning(
+            "node %s is cut off (%d of %d peers reachable, no master): stopping playback",
+            self.cfg.id,
+            heard,
+            len(self.cfg.peers) - 1,
+        )
+        self.sink.stop()
+        self._scheduled = None
+        self.recovering = True
+        self._synced = False
+        self._publish_node_state(force=True)
+
     def _request_sync(self, why: str) -> None:
         if not self.recovering:
             log.warning("node %s out of step (%s): pulling the master's state", self.cfg.id, why)
@@ -550,6 +583,7 @@ class Node:
         self._lag = 0
         self._set_state(new)
         self._persist()
+        self._drive_sink(force=True)  # the sink may have been stopped while out of step
         for song in set(new.playlist):
             if not self.store.has(song):
                 self._want(song, None)

@@ -21,9 +21,9 @@ from nsync_mqtt.errors import ConfigError
 
 @dataclass(frozen=True)
 class Timing:
-    heartbeat_interval_s: float = 0.1
-    election_timeout_min_s: float = 1.0
-    election_timeout_max_s: float = 2.0
+    heartbeat_interval_s: float = 0.05
+    election_timeout_min_s: float = 0.5
+    election_timeout_max_s: float = 1.0
     ping_interval_s: float = 0.1
     calibration_pings: int = 8
     ack_timeout_s: float = 2.0

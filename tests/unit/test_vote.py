@@ -24,7 +24,8 @@ from nsync_mqtt.vote import (
     SendHeartbeat,
 )
 
-T = Timing()  # heartbeat 0.1 s, election timeout in [1.0, 2.0)
+# the literal times below are written for a heartbeat of 0.1 s and timeouts in [1.0, 2.0)
+T = Timing(heartbeat_interval_s=0.1, election_timeout_min_s=1.0, election_timeout_max_s=2.0)
 ABC = ["a", "b", "c"]
 
 
