@@ -5,10 +5,11 @@ cluster until f+1 = 3 nodes hold them, beside a raw MQTT fan-out of the same byt
 
 NSync: ``NSyncClient.load_song(path)`` (not ``bg``), timed from the call to the master's reply,
 which comes when f+1 nodes hold the song's verified bytes and the master has recognised it as
-audio (decoding follows in the background). The songs are 16-bit stereo WAV tones sized to the target bytes, each
-repetition a new tone frequency, hence a new song. MB/s = size / time, MB = 10^6 bytes. The
-"stored f+1" column is a breakdown of the same loads: the time until f+1 nodes list the song in
-their retained node state (every byte on disk, before decoding), seen by a separate subscriber.
+audio (decoding follows in the background). The songs are 16-bit stereo WAV tones sized to the
+target bytes, each repetition a new tone frequency, hence a new song. MB/s = size / time, MB =
+10^6 bytes. The "stored f+1" column is a breakdown of the same loads: the time until f+1 nodes
+list the song in their retained node state (every byte on disk, before decoding), seen by a
+separate subscriber.
 
 Raw fan-out, on the same broker before the cluster starts: one paho client publishes the same
 file in 256 KiB QoS1 messages (NSync's chunk size) to a topic that subscriber processes receive at
