@@ -200,6 +200,8 @@ class Node:
         self.last_seen: dict[str, float] = {}
         self.peer_seen: dict[str, float] = {}  # any message from a peer, as a follower sees it
         self._masterless_since: float | None = None
+        self._recovery_started: float | None = None
+        self.recovery: dict[str, float] | None = None  # the last recovery's timings
         self.finished: dict[tuple[int, str], set[str]] = {}
         self.song_events: dict[str, asyncio.Event] = {}
         self.load_errors: dict[str, str] = {}
@@ -559,6 +561,8 @@ class Node:
     def _request_sync(self, why: str) -> None:
         if not self.recovering:
             log.warning("node %s out of step (%s): pulling the master's state", self.cfg.id, why)
+        if self._recovery_started is None:
+            self._recovery_started = self.clock.now()
         self.recovering = True
         self._lag = 0
         self._send("sync_req", index=self.state.index)
@@ -578,6 +582,10 @@ class Node:
         if msg.src != self.election.master or msg.term < self.election.term:
             return
         new = PlayerState.from_dict(msg.get("state"))
+        if self._recovery_started is not None:
+            self.recovery = {"why_at": round(self._recovery_started, 3)}
+            self.recovery["state_ms"] = round((now - self._recovery_started) * 1e3, 2)
+            self._recovery_started = None
         self.recovering = False
         self._synced = True
         self._lag = 0
@@ -587,6 +595,16 @@ class Node:
         for song in set(new.playlist):
             if not self.store.has(song):
                 self._want(song, None)
+        self._check_songs_recovered()
+        self._publish_node_state(force=True)
+
+    def _check_songs_recovered(self) -> None:
+        """Note when a recovered node holds every playlist song again (node state `recovery`)."""
+        rec = self.recovery
+        if rec is None or "songs_ms" in rec:
+            return
+        if all(self.store.has(s) for s in self.state.playlist):
+            rec["songs_ms"] = round((self.clock.now() - rec["why_at"]) * 1e3, 2)
 
     def _want(self, song: str, missing: list[int] | None) -> None:
         self._send("want", song=song, missing=missing)
@@ -747,6 +765,7 @@ class Node:
 
     def _song_arrived(self, song: str, upload_reply: bool = False) -> None:
         self.holders.setdefault(song, set()).add(self.cfg.id)
+        self._check_songs_recovered()
         self._evict(keep=song)
         self._decode_in_background(song, upload_reply=upload_reply)
         self._publish_node_state(force=True)
@@ -1166,6 +1185,7 @@ class Node:
             "term": self.election.term,
             "master": self.election.master,
             "recovering": self.recovering,
+            "recovery": self.recovery,
             "clock": stats,
             "songs": sorted(self.store.songs()),
             "index": self.state.index,

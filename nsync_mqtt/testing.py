@@ -206,6 +206,8 @@ class NodeSpec:
     clock_drift_ppm: float = 0.0
     dac_drift_ppm: float = 0.0
     extra: list[str] = field(default_factory=list)
+    # this node's broker, instead of the cluster's (e.g. a FaultProxy in front of it)
+    broker_url: str | None = None
 
 
 class NodeCluster:
@@ -266,7 +268,7 @@ class NodeCluster:
             "--cluster",
             self.cluster,
             "--broker",
-            self.broker_url,
+            spec.broker_url or self.broker_url,
             "--data-dir",
             str(self.workdir / node),
             "--sink",

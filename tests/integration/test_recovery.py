@@ -1,0 +1,91 @@
+"""A speaker whose broker link is cut stops playing once no election can include it, keeps the
+others playing, and rejoins the current song in sync when its link comes back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nsync_mqtt import sinklog
+from nsync_mqtt.faultproxy import FaultProxy
+from nsync_mqtt.playlist import RATE
+from nsync_mqtt.replication import sha224_file
+from nsync_mqtt.testing import (
+    BrokerProcess,
+    NodeCluster,
+    NodeSpec,
+    ok,
+    ready_cluster,
+    tone_file,
+    unique_cluster_name,
+    wait_for,
+)
+from nsync_mqtt.timing import Timing
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def proxied(
+    cluster_kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[NodeCluster, FaultProxy]]:
+    broker: BrokerProcess = request.getfixturevalue(f"{cluster_kind}_broker")
+    with FaultProxy("127.0.0.1", broker.port) as proxy:
+        specs = [
+            NodeSpec("n1"),
+            NodeSpec("n2", clock_offset=900.0, clock_drift_ppm=20.0),
+            NodeSpec("n3", clock_offset=-77.0, broker_url=f"mqtt://127.0.0.1:{proxy.port}"),
+        ]
+        nodes = NodeCluster(broker.url, tmp_path / "c", specs, cluster=unique_cluster_name())
+        with ready_cluster(nodes) as c:
+            yield c, proxy
+
+
+def test_cut_off_speaker_stops_then_rejoins_in_sync(
+    proxied: tuple[NodeCluster, FaultProxy], tmp_path: Path
+) -> None:
+    cluster, proxy = proxied
+    with cluster.watch() as w:
+        master = next(n for n, s in cluster.wait_ready().items() if s.get("role") == "master")
+        if master == "n3":  # the cut-off node must be a speaker: hand mastership over
+            cluster.stop_node("n3")
+            cluster.wait_ready()
+            cluster.start_node("n3")
+            cluster.wait_ready()
+        client = cluster.client(timeout=5.0)
+        song = tone_file(tmp_path, "Through a cut", 12.0, 440.0)
+        ok(client.enqueue_song(song))
+        ok(client.play())
+        time.sleep(1.5)
+        proxy.cut()
+        t_cut = time.monotonic_ns()
+        # n3 hears nobody: no election can include it, so it stops playing
+        cut_window = Timing().election_timeout_max_s + 1.5
+        time.sleep(cut_window)
+        ok(client.status())  # the other two still form a cluster
+        proxy.heal()
+        t_heal = time.monotonic_ns()
+
+        def rejoined() -> bool:
+            s = w.node_states(live_only=True).get("n3") or {}
+            return bool(s.get("master")) and not s.get("recovering")
+
+        wait_for(rejoined, 20, "n3 to rejoin")
+        time.sleep(1.5)
+        client.close()
+    h = sha224_file(song)
+    logs = {n: sinklog.read_log(cluster.sink_log(n)) for n in cluster.specs}
+    n3 = [b for b in logs["n3"] if b.song == h]
+    during = [b for b in n3 if t_cut + 2.5e9 < b.t_ns < t_heal]
+    assert not during, "n3 kept playing while cut off from every other node"
+    after = [b for b in n3 if b.t_ns > t_heal]
+    assert after, "n3 never played again after its link came back"
+    for n in ("n1", "n2"):
+        blocks = [b for b in logs[n] if b.song == h]
+        assert sinklog.gaps_ns(blocks) == [], f"{n} had a gap though it was never cut off"
+    frames = [after[0].frame + RATE // 2, after[0].frame + RATE]
+    skew = sinklog.max_skew(logs, h, frames)
+    assert skew is not None and skew < 5_000_000, f"n3 rejoined {skew} ns off"
