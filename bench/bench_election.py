@@ -27,7 +27,7 @@ from nsync_mqtt.replication import sha224_file
 from nsync_mqtt.testing import NodeCluster, NodeSpec, tone_file
 
 SONG_S = 45.0
-PROBE_TIMEOUT_S = 0.15
+PROBE_TIMEOUT_S = 0.05
 
 
 def first_success(client: NSyncClient, level: int, limit_s: float) -> float | None:

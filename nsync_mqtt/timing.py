@@ -1,7 +1,7 @@
 """Timing constants, in one place, with units in their names.
 
 Relations that must hold (checked by ``Timing.validate``):
-- heartbeat_interval_s is well below election_timeout_min_s (a tenth by default, at
+- heartbeat_interval_s is well below election_timeout_min_s (about a tenth by default, at
   most a third), so a few lost
   heartbeats never start an election;
 - election_timeout_min_s < election_timeout_max_s (the random spread avoids split votes);
@@ -22,8 +22,8 @@ from nsync_mqtt.errors import ConfigError
 @dataclass(frozen=True)
 class Timing:
     heartbeat_interval_s: float = 0.05
-    election_timeout_min_s: float = 0.5
-    election_timeout_max_s: float = 1.0
+    election_timeout_min_s: float = 0.4
+    election_timeout_max_s: float = 0.8
     ping_interval_s: float = 0.1
     calibration_pings: int = 8
     ack_timeout_s: float = 2.0
