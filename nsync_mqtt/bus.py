@@ -20,8 +20,10 @@
   re-sends retained messages matching other clients' subscriptions). A handler that raises is
   logged and delivery goes on.
 - Several broker URLs form a failover list: when the current broker has been unreachable for
-  ``failover_after_s``, the next one is tried, round robin. All URLs of one list must agree on
-  TLS (``mqtt://`` or ``mqtts://``).
+  ``failover_after_s``, the next one is tried, round robin. While on any but the first, the bus
+  checks every ``PREFER_CHECK_S`` whether an earlier broker of the list accepts connections
+  again and moves back to it: every node of a cluster, given the same list, converges on the
+  first reachable broker. All URLs of one list must agree on TLS (``mqtt://`` or ``mqtts://``).
 - ``close()`` sends DISCONNECT, so the broker does not publish the last will.
 """
 
@@ -51,7 +53,8 @@ MAX_INFLIGHT_MESSAGES = 64
 CONNECT_TIMEOUT_S = 2.0  # TCP connect (and TLS handshake) per attempt
 RECONNECT_MIN_DELAY_S = 0.1
 RECONNECT_MAX_DELAY_S = 2.0
-FAILOVER_AFTER_S = 3.0
+FAILOVER_AFTER_S = 1.0
+PREFER_CHECK_S = 2.0  # how often a bus on a later broker looks whether an earlier one is back
 TICK_S = 1.0  # keepalive checks; must stay well below the keepalive interval
 CLOSE_TIMEOUT_S = 2.0  # close() waits this long for queued messages and the DISCONNECT
 
@@ -225,6 +228,7 @@ class Bus:
         self._restore_mid: int | None = None
         self._url_index = 0
         self._down_since = time.monotonic()
+        self._next_prefer_check = 0.0
         self._last_error = ""  # why the last connect attempt failed
         self._retry_delay_s = RECONNECT_MIN_DELAY_S
         self._retry_at = 0.0
@@ -343,6 +347,8 @@ class Bus:
                     await self._connect_once()
                 if client.socket() is not None:
                     client.loop_misc()  # PINGREQ when due; drops a link that stopped answering
+                if self._connected and self._url_index > 0:
+                    await self._prefer_earlier_broker()
             except Exception:  # never let one bad attempt end the upkeep
                 log.exception("MQTT connection upkeep failed")
                 if client.socket() is None:
@@ -352,6 +358,27 @@ class Bus:
                 wait_s = min(TICK_S, max(0.0, self._retry_at - time.monotonic()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait_s)
+
+    async def _prefer_earlier_broker(self) -> None:
+        """Move back to the first broker of the list that accepts a connection again."""
+        now = time.monotonic()
+        if now < self._next_prefer_check:
+            return
+        self._next_prefer_check = now + PREFER_CHECK_S
+        for index in range(self._url_index):
+            url = self._urls[index]
+            try:
+                sock = await asyncio.wait_for(_open_tcp(url.host, url.port), CONNECT_TIMEOUT_S)
+            except (TimeoutError, OSError):
+                continue
+            sock.close()
+            if not self._connected or self._closing:
+                return
+            log.warning("%s is reachable again: moving back to it from %s", url, self.url)
+            self._url_index = index
+            self._down_since = time.monotonic()
+            self._client.disconnect()  # DISCONNECT: no last will; the upkeep reconnects there
+            return
 
     async def _connect_once(self) -> None:
         now = time.monotonic()

@@ -1,0 +1,74 @@
+"""Broker failover: nodes given the same ordered broker list move to the next broker when the
+current one dies, the master republishes the retained state there, and all of them move back
+to the first broker once it is reachable again."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from nsync_mqtt.client import NSyncClient
+from nsync_mqtt.testing import (
+    BrokerProcess,
+    NodeCluster,
+    NodeSpec,
+    Watcher,
+    ok,
+    tone_file,
+    unique_cluster_name,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def serving(url: str, cluster: str) -> dict[str, object] | None:
+    """The status reply of a master reachable through `url`, or None."""
+    try:
+        with contextlib.closing(NSyncClient(url, cluster, timeout=1.0).connect()) as c:
+            reply = c.status()
+    except Exception:
+        return None
+    return reply if reply["success"] else None
+
+
+def test_nodes_fail_over_and_come_back(
+    broker_factory: Callable[[str], BrokerProcess], tmp_path: Path
+) -> None:
+    first = broker_factory("amqtt")  # the embedded broker of one box, say
+    second = broker_factory("mosquitto")  # the household's Mosquitto
+    name = unique_cluster_name()
+    specs = [NodeSpec(f"n{i}", extra=["--broker", second.url]) for i in (1, 2, 3)]
+    cluster = NodeCluster(first.url, tmp_path / "c", specs, cluster=name)
+    with cluster:
+        cluster.wait_ready()
+        with contextlib.closing(cluster.client(timeout=5.0)) as client:
+            ok(client.enqueue_song(tone_file(tmp_path, "Survivor", 20.0, 440.0)))
+            ok(client.play())
+        first.kill()
+        t_kill = time.monotonic()
+        reply = wait_for(lambda: serving(second.url, name), 15, "a master on the second broker")
+        took = time.monotonic() - t_kill
+        assert reply["state"]["playback"] == "playing"
+        assert took < 10, took
+        # the master republished the retained state on the broker it moved to
+        w = Watcher(second.url, name)
+        try:
+            wait_for(lambda: w.get("status") == b"online", 5, "status online on the second")
+            state = wait_for(lambda: w.json("state"), 5, "the retained state")
+            assert state["playback"] == "playing" and state["title"] == "Survivor"
+            assert wait_for(lambda: w.json("library"), 5, "the library")[0]["title"] == "Survivor"
+        finally:
+            w.close()
+        first.start()  # back on the same port: everyone returns to the first broker
+        reply = wait_for(lambda: serving(first.url, name), 20, "a master on the first again")
+        assert reply["state"]["playback"] == "playing"
+        w = Watcher(first.url, name)
+        try:
+            wait_for(lambda: len(w.node_states(live_only=True)) == 3, 10, "all nodes on the first")
+        finally:
+            w.close()
