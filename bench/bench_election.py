@@ -8,7 +8,7 @@ After each kill the dead node is restarted (same data dir) and the cluster is le
 before the next kill. The client probes with a replicated command (`volume`, alternating values)
 and a short timeout, so a command sent while there is no master is retried at once. Writes
 bench/results/election-<broker>.json and a timeline picture (reachable master 1/0 over time,
-like the NSync paper's Figure 2) as bench/results/election-<broker>.svg.
+like the NSync paper's Figure 2) as bench/results/election-<broker>.png (and .svg).
 """
 
 from __future__ import annotations
@@ -19,7 +19,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import arg_parser, broker, conditions, machine, now_iso, percentile, table, write_result
+from common import (
+    arg_parser,
+    broker,
+    conditions,
+    machine,
+    now_iso,
+    percentile,
+    step_plot_png,
+    table,
+    write_result,
+)
 
 from nsync_mqtt import sinklog
 from nsync_mqtt.client import NSyncClient
@@ -157,6 +167,8 @@ def main() -> None:
     print("target: p99 <= 1.0 s from kill to a successful command, playback gap 0 (paper 0.75-4 s)")
     svg = Path(__file__).parent / "results" / f"election-{args.broker}.svg"
     svg_timeline(result["spans"], result["t_end"], svg)
+    png = svg.with_suffix(".png")
+    step_plot_png(png, result["spans"], result["t_end"])
     path = write_result(
         "election",
         args.broker,
@@ -169,7 +181,7 @@ def main() -> None:
             **result,
         },
     )
-    print(f"wrote {path} and {svg}")
+    print(f"wrote {path}, {svg} and {png}")
 
 
 if __name__ == "__main__":

@@ -161,3 +161,58 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def write_png(path: Path, width: int, height: int, dark: set[tuple[int, int]]) -> None:
+    """A black-on-white PNG (8-bit grey) with the pixels in `dark` set; no imaging library."""
+    import struct
+    import zlib
+
+    rows = bytearray()
+    for y in range(height):
+        rows.append(0)  # filter: none
+        rows.extend(0 if (x, y) in dark else 255 for x in range(width))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(bytes(rows), 9))
+        + chunk(b"IEND", b"")
+    )
+
+
+def step_plot_png(
+    path: Path, spans: Sequence[tuple[float, float]], t_end: float, width: int = 900
+) -> None:
+    """Reachable master 1/0 over time as a PNG: a step line dropping to 0 during each span,
+    with a time axis ticked every 10 s."""
+    height, pad = 140, 20
+    y1, y0 = pad, height - pad
+    scale = (width - 2 * pad) / max(t_end, 1e-9)
+    dark: set[tuple[int, int]] = set()
+
+    def line(xa: int, ya: int, xb: int, yb: int) -> None:
+        for x in range(min(xa, xb), max(xa, xb) + 1):
+            for y in range(min(ya, yb), max(ya, yb) + 1):
+                dark.add((x, y))
+
+    xs = [pad]
+    level = y1
+    for a, b in spans:
+        xa, xb = pad + int(a * scale), pad + int(b * scale)
+        line(xs[-1], level, xa, level)
+        line(xa, y1, xa, y0)
+        line(xa, y0, xb, y0)
+        line(xb, y0, xb, y1)
+        xs.append(xb)
+    line(xs[-1], y1, width - pad, y1)
+    line(pad, y0 + 6, width - pad, y0 + 6)  # time axis
+    for t in range(0, int(t_end) + 1, 10):
+        x = pad + int(t * scale)
+        line(x, y0 + 3, x, y0 + 9)
+    write_png(path, width, height, dark)
