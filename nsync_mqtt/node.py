@@ -73,6 +73,7 @@ VERBS = {
 UNKNOWN_FRAMES = 1 << 62  # a held song whose length is not known yet
 NODE_STATE_PERIOD_S = 1.0
 NODE_ALIVE_S = 3.0
+REANCHOR_TOLERANCE_S = 0.002  # a playing sink this close to a new schedule keeps going
 STATE_PUBLISH_DELAY_S = 0.02  # retained state follows a change within this, coalesced
 PING_BURST_SAMPLES = 32  # samples taken quickly after a master change ...
 PING_BURST_INTERVAL_S = 0.02  # ... at this interval
@@ -686,6 +687,8 @@ class Node:
                 else:
                     self._want(pb.song, None)
             at_host = self._master_to_host(pb.at)
+            if self._sink_already_there(pb.song, pb.frame, at_host):
+                return
             log.info(
                 "play %s… from frame %d in %.3f s",
                 pb.song[:12],
@@ -700,6 +703,16 @@ class Node:
             self.sink.stop(at_host)
         else:
             self.sink.stop()
+
+    def _sink_already_there(self, song: str, frame: int, at_host: float) -> bool:
+        """The sink already plays `song` where this schedule puts it (within
+        REANCHOR_TOLERANCE_S): a new master's schedule, mapped through a fresh clock estimate,
+        differs by a fraction of a millisecond, and re-anchoring for that would click."""
+        playing, position = self.sink.position()
+        if playing != song or position is None:
+            return False
+        expected = frame + (time.monotonic() - at_host) * RATE
+        return abs(expected - position) < REANCHOR_TOLERANCE_S * RATE
 
     def _finished_from_sink(self, song: str) -> None:
         if self.loop is not None:
