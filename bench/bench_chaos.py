@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -32,6 +33,11 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=1, help="seed of the fault schedule (default 1)")
     p.add_argument("--keep", type=Path, help="keep the run's logs in this directory")
     args = p.parse_args()
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # unwind through the harness's cleanup: no process left behind
+
+    signal.signal(signal.SIGTERM, terminate)
 
     def progress(rec: FaultRecord) -> None:
         outage = f" outage {rec.outage_s:.2f} s" if rec.outage_s is not None else ""
