@@ -73,6 +73,7 @@ VERBS = {
 UNKNOWN_FRAMES = 1 << 62  # a held song whose length is not known yet
 NODE_STATE_PERIOD_S = 1.0
 NODE_ALIVE_S = 3.0
+SYNC_RETRY_S = 0.5  # a node waiting for the master's state asks again this often
 REANCHOR_TOLERANCE_S = 0.002  # a playing sink this close to a new schedule keeps going
 STATE_PUBLISH_DELAY_S = 0.02  # retained state follows a change within this, coalesced
 PING_BURST_SAMPLES = 32  # samples taken quickly after a master change ...
@@ -202,6 +203,7 @@ class Node:
         self.peer_seen: dict[str, float] = {}  # any message from a peer, as a follower sees it
         self._masterless_since: float | None = None
         self._recovery_started: float | None = None
+        self._sync_asked_at = -1e18
         self.recovery: dict[str, float] | None = None  # the last recovery's timings
         self.finished: dict[tuple[int, str], set[str]] = {}
         self.song_events: dict[str, asyncio.Event] = {}
@@ -443,8 +445,12 @@ class Node:
         if self._est_master != msg.src:
             self.est.reset()
             self._est_master = msg.src
-        if not self._synced:
-            self._request_sync("just started: pulling the master's state")
+        if not self._synced or self.recovering:
+            # waiting for the master's state (just started, or out of step): ask again now and
+            # then, in case a request or its answer was lost
+            if now - self._sync_asked_at >= SYNC_RETRY_S:
+                why = "waiting for the master's state" if self._synced else "just started"
+                self._request_sync(why)
         elif msg.get("index") != self.state.index or msg.get("plist") != self.state.hash:
             self._lag += 1
             if self._lag >= 3:
@@ -566,6 +572,7 @@ class Node:
             self._recovery_started = self.clock.now()
         self.recovering = True
         self._lag = 0
+        self._sync_asked_at = self.clock.now()
         self._send("sync_req", index=self.state.index)
 
     def _msg_sync_req(self, now: float, msg: Message) -> None:
