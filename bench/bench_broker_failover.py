@@ -20,11 +20,9 @@ from common import (
     BrokerProcess,
     arg_parser,
     conditions,
-    machine,
-    now_iso,
     percentile,
+    record,
     table,
-    write_result,
 )
 
 from nsync_mqtt.client import NSyncClient
@@ -108,17 +106,7 @@ def main() -> None:
         )
     )
     print("target: <= 3 s from killing the current broker to the next successful command")
-    path = write_result(
-        "broker-failover",
-        "mixed",
-        {
-            "command": f".venv/bin/python bench/bench_broker_failover.py --runs {args.runs}",
-            "when": now_iso(),
-            "machine": machine(),
-            "conditions": {"before": before, "after": conditions()},
-            **r,
-        },
-    )
+    path = record("broker-failover", "mixed", before, r)
     print(f"wrote {path}")
 
 

@@ -1,12 +1,14 @@
-"""Chaos, long profile: a five-node cluster (Mosquitto, each node behind its own fault proxy)
-under many seeded faults while a client keeps enqueueing, playing, pausing and skipping.
+"""Chaos, long profile: a five-node cluster (two Mosquitto brokers in its list, each node behind
+its own fault proxy to the first) under many seeded faults while a client keeps enqueueing,
+playing, pausing and skipping.
 
     .venv/bin/python bench/bench_chaos.py --faults 200 --seed 1
 
 Prints the fault kinds injected, each invariant's checks and violations, and the election
-times (fault on the master -> first successful client command), then writes
-bench/results/chaos.json. A run with a violation prints the seed and the fault schedule that
-reproduce it and exits 1. The short profile is tests/chaos (same harness, nsync_mqtt.chaos).
+times (fault on the master or its broker -> first successful client command), then writes
+bench/results/chaos.json (or the file named by --out). A run with a violation prints the seed
+and the fault schedule that reproduce it and exits 1. The short profile is tests/chaos (same
+harness, nsync_mqtt.chaos).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ def main() -> int:
     p.add_argument("--faults", type=int, default=200, help="faults to inject (default 200)")
     p.add_argument("--seed", type=int, default=1, help="seed of the fault schedule (default 1)")
     p.add_argument("--keep", type=Path, help="keep the run's logs in this directory")
+    p.add_argument(
+        "--out", default="chaos.json", help="result file in bench/results (default chaos.json)"
+    )
     args = p.parse_args()
 
     def terminate(signum: int, frame: object) -> None:
@@ -42,8 +47,9 @@ def main() -> int:
     def progress(rec: FaultRecord) -> None:
         outage = f" outage {rec.outage_s:.2f} s" if rec.outage_s is not None else ""
         print(
-            f"#{rec.index} {rec.fault} on {','.join(rec.nodes)} (master {rec.master_before})"
-            f"{outage}, ready {rec.t_ready - rec.t_heal:.1f} s after healing",
+            f"#{rec.index} {rec.fault} on {','.join(rec.nodes) or 'the first broker'} "
+            f"(master {rec.master_before}){outage}, ready {rec.t_ready - rec.t_heal:.1f} s "
+            f"after healing" + (f" [{'; '.join(rec.notes)}]" if rec.notes else ""),
             flush=True,
         )
 
@@ -83,7 +89,8 @@ def main() -> int:
     doc = {
         "bench": "chaos",
         "command": ".venv/bin/python bench/bench_chaos.py "
-        f"--faults {args.faults} --seed {args.seed}",
+        f"--faults {args.faults} --seed {args.seed}"
+        + (f" --out {args.out}" if args.out != "chaos.json" else ""),
         "date": common.now_iso(),
         "machine": common.machine(),
         "conditions": {"before": before, "after": after},
@@ -93,7 +100,7 @@ def main() -> int:
         **result.to_dict(),
     }
     common.RESULTS.mkdir(parents=True, exist_ok=True)
-    path = common.RESULTS / "chaos.json"
+    path = common.RESULTS / Path(args.out).name
     tmp_path = path.with_suffix(".json.tmp")
     tmp_path.write_text(json.dumps(doc, indent=2) + "\n")
     tmp_path.replace(path)

@@ -23,12 +23,10 @@ from common import (
     arg_parser,
     broker,
     conditions,
-    machine,
-    now_iso,
     percentile,
+    record,
     step_plot_png,
     table,
-    write_result,
 )
 
 from nsync_mqtt import sinklog
@@ -169,18 +167,7 @@ def main() -> None:
     svg_timeline(result["spans"], result["t_end"], svg)
     png = svg.with_suffix(".png")
     step_plot_png(png, result["spans"], result["t_end"])
-    path = write_result(
-        "election",
-        args.broker,
-        {
-            "command": f".venv/bin/python bench/bench_election.py --broker {args.broker} "
-            f"--kills {args.kills} --nodes {args.nodes}",
-            "when": now_iso(),
-            "machine": machine(),
-            "conditions": {"before": before, "after": conditions()},
-            **result,
-        },
-    )
+    path = record("election", args.broker, before, result)
     print(f"wrote {path}, {svg} and {png}")
 
 

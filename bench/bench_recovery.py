@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import arg_parser, broker, conditions, machine, now_iso, percentile, table, write_result
+from common import arg_parser, broker, conditions, percentile, record, table
 
 from nsync_mqtt.testing import NodeCluster, NodeSpec, tone_file, wait_for
 
@@ -97,18 +97,7 @@ def main() -> None:
     headers = ["case", "state p50 ms", "state max ms", "songs p50 ms", "songs max ms"]
     print(table(headers, rows))
     print("target: state recovery <= 100 ms p50 (the paper's figure)")
-    path = write_result(
-        "recovery",
-        args.broker,
-        {
-            "command": f".venv/bin/python bench/bench_recovery.py --broker {args.broker} "
-            f"--runs {args.runs}",
-            "when": now_iso(),
-            "machine": machine(),
-            "conditions": {"before": before, "after": conditions()},
-            **result,
-        },
-    )
+    path = record("recovery", args.broker, before, result)
     print(f"wrote {path}")
 
 

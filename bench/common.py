@@ -216,3 +216,17 @@ def step_plot_png(
         x = pad + int(t * scale)
         line(x, y0 + 3, x, y0 + 9)
     write_png(path, width, height, dark)
+
+
+def record(name: str, broker_kind: str, before: dict[str, Any], result: dict[str, Any]) -> Path:
+    """Write a result with the exact command line, the time, the machine and how busy it was
+    before and after the run."""
+    command = ".venv/bin/python " + " ".join(["bench/" + Path(sys.argv[0]).name, *sys.argv[1:]])
+    doc = {
+        "command": command,
+        "when": now_iso(),
+        "machine": machine(),
+        "conditions": {"before": before, "after": conditions()},
+        **result,
+    }
+    return write_result(name, broker_kind, doc)
