@@ -21,8 +21,9 @@
   logged and delivery goes on.
 - Several broker URLs form a failover list: when the current broker has been unreachable for
   ``failover_after_s``, the next one is tried, round robin. While on any but the first, the bus
-  checks every ``PREFER_CHECK_S`` whether an earlier broker of the list accepts connections
-  again and moves back to it: every node of a cluster, given the same list, converges on the
+  checks every ``PREFER_CHECK_S`` whether an earlier broker of the list answers an MQTT CONNECT
+  again (not merely a TCP connect: a proxy in front of a dead broker accepts those) and moves
+  back to it: every node of a cluster, given the same list, converges on the
   first reachable broker. All URLs of one list must agree on TLS (``mqtt://`` or ``mqtts://``).
 - ``close()`` sends DISCONNECT, so the broker does not publish the last will.
 """
@@ -189,6 +190,62 @@ async def _open_tcp(host: str, port: int) -> socket.socket:
             raise
         return sock
     raise error
+
+
+def _connect_packet(client_id: str, url: BrokerURL, keepalive_s: int = 5) -> bytes:
+    """An MQTT 3.1.1 CONNECT packet (clean session, no will)."""
+
+    def text(v: str) -> bytes:
+        raw = v.encode()
+        return len(raw).to_bytes(2, "big") + raw
+
+    flags = 0x02
+    payload = text(client_id)
+    if url.username is not None:
+        flags |= 0x80
+        payload += text(url.username)
+        if url.password is not None:
+            flags |= 0x40
+            payload += text(url.password)
+    body = text("MQTT") + bytes([4, flags]) + keepalive_s.to_bytes(2, "big") + payload
+    length, encoded = len(body), bytearray()
+    while True:
+        byte, length = length % 128, length // 128
+        encoded.append(byte | (0x80 if length else 0))
+        if not length:
+            break
+    return bytes([0x10]) + bytes(encoded) + body
+
+
+async def _broker_answers(url: BrokerURL, timeout_s: float) -> bool:
+    """True if an MQTT broker at `url` accepts a CONNECT (CONNACK, return code 0). A TCP port
+    that merely accepts connections (a proxy or port forward to a dead broker) is not enough.
+    For TLS URLs only the TCP connection is checked."""
+    loop = asyncio.get_running_loop()
+    try:
+        sock = await asyncio.wait_for(_open_tcp(url.host, url.port), timeout_s)
+    except (TimeoutError, OSError):
+        return False
+    try:
+        if url.tls:
+            return True
+        probe_id = f"nsync-probe-{time.monotonic_ns() % 10**9}"
+        await loop.sock_sendall(sock, _connect_packet(probe_id, url))
+        reply = b""
+        async with asyncio.timeout(timeout_s):
+            while len(reply) < 4:
+                chunk = await loop.sock_recv(sock, 4 - len(reply))
+                if not chunk:
+                    return False
+                reply += chunk
+        ok = reply[0] == 0x20 and reply[3] == 0
+        if ok:
+            await loop.sock_sendall(sock, b"\xe0\x00")  # DISCONNECT
+        return ok
+    except (TimeoutError, OSError):
+        return False
+    finally:
+        sock.close()
 
 
 class Bus:
@@ -367,11 +424,8 @@ class Bus:
         self._next_prefer_check = now + PREFER_CHECK_S
         for index in range(self._url_index):
             url = self._urls[index]
-            try:
-                sock = await asyncio.wait_for(_open_tcp(url.host, url.port), CONNECT_TIMEOUT_S)
-            except (TimeoutError, OSError):
+            if not await _broker_answers(url, CONNECT_TIMEOUT_S):
                 continue
-            sock.close()
             if not self._connected or self._closing:
                 return
             log.warning("%s is reachable again: moving back to it from %s", url, self.url)

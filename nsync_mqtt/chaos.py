@@ -1,16 +1,19 @@
 """Chaos runs: a five-node NSync cluster under a seeded schedule of injected faults.
 
-Every node reaches the one Mosquitto broker through its own ``FaultProxy``. A schedule drawn
+The cluster has the ordered broker list [first, second], both Mosquitto: every node reaches
+the first broker through its own ``FaultProxy`` and the second one directly. A schedule drawn
 from ``random.Random(seed)`` (``make_schedule``) lists faults that ``run_chaos`` injects one at a
 time: kill -9 the master or up to f nodes (restarted later on the same data dir), SIGSTOP a
-node for a few seconds, cut one node's broker link, delay it. Meanwhile a client keeps issuing
-enqueue, play, pause and forward with a short timeout and records every reply. After each
-fault the cluster heals (nodes restarted, links healed) and must be ready again (one master,
-every follower calibrated) before the next one.
+node for a few seconds, cut one node's broker link, delay it, kill -9 the first broker
+(restarted on its port; the nodes fail over to the second one and come back). Meanwhile a
+client keeps issuing enqueue, play, pause and forward with a short timeout through whichever
+broker serves (the first, else the second) and records every reply. After each fault the
+cluster heals (nodes and broker restarted, links healed) and must be ready again on the first
+broker (one master, every follower calibrated) before the next one.
 
 At the end ``run_chaos`` checks the invariants (``INVARIANTS``) from what it recorded: the
-node states seen live on the broker, the client's replies, the nodes' durable state files and
-the virtual-sink logs (ground truth of what each node played, and when). The pure checkers
+node states seen live on either broker, the client's replies, the nodes' durable state files
+and the virtual-sink logs (ground truth of what each node played, and when). The pure checkers
 below take those records as plain values, so they are tested on their own. A failing run's
 ``ChaosResult.report()`` names the seed and the schedule that reproduce it.
 """
@@ -45,6 +48,7 @@ from nsync_mqtt.testing import (
     NodeSpec,
     RawClient,
     Watcher,
+    _subscribed_client,
     free_port,
     ok,
     tone_file,
@@ -52,7 +56,7 @@ from nsync_mqtt.testing import (
 )
 from nsync_mqtt.timing import Timing
 
-KINDS = ("kill_master", "kill_f", "stop", "cut", "delay")
+KINDS = ("kill_master", "kill_f", "stop", "cut", "delay", "kill_broker")
 MASTER = "master"  # a fault target resolved, when the fault starts, to the current master
 INVARIANTS = (
     "one_master_per_term",
@@ -72,6 +76,12 @@ SETTLE_S = 0.3  # after the cluster is ready, before a rejoined node's frames co
 READY_TIMEOUT_S = 40.0
 AGREE_TIMEOUT_S = 10.0
 MASTER_LOG_RE = re.compile(r"node (\S+) is master for term (\d+)")
+# node log lines worth a note on the fault they happened in
+CUT_OFF_LOG = " is cut off ("  # stopped playing: no master and no quorum in reach
+FAILOVER_LOG = "broker unreachable, trying "  # moved on to the next broker of its list
+MOVED_BACK_LOG = " is reachable again: moving back"  # returned to an earlier broker
+RECONNECT_DELAY_S = 1  # the test clients retry a lost broker at least this often
+OBSERVERS_BACK_TIMEOUT_S = 5.0
 
 
 # -- the schedule ----------------------------------------------------------------------------
@@ -79,7 +89,8 @@ MASTER_LOG_RE = re.compile(r"node (\S+) is master for term (\d+)")
 
 @dataclass(frozen=True)
 class Fault:
-    """One fault: ``targets`` are node ids or ``MASTER``; held ``hold_s``, then healed."""
+    """One fault: ``targets`` are node ids or ``MASTER`` (none for ``kill_broker``: the first
+    broker is hit); held ``hold_s``, then healed."""
 
     kind: str
     targets: tuple[str, ...]
@@ -88,7 +99,8 @@ class Fault:
 
     def __str__(self) -> str:
         extra = f" +{self.delay_s * 1e3:.0f}ms" if self.kind == "delay" else ""
-        return f"{self.kind}({','.join(self.targets)}{extra}, {self.hold_s:.1f}s)"
+        what = ",".join(self.targets) + extra
+        return f"{self.kind}({what + ', ' if what else ''}{self.hold_s:.1f}s)"
 
 
 def make_schedule(
@@ -99,12 +111,14 @@ def make_schedule(
     kinds: Sequence[str] = KINDS,
 ) -> list[Fault]:
     """``count`` faults drawn from ``rng``; with ``cover``, the first ones are every kind once
-    (in a random order), so even a short run injects each kind."""
+    (in a random order; a random choice of distinct kinds if ``count`` is smaller), so even a
+    short run injects each kind."""
     f = (len(nodes) - 1) // 2
     order: list[str] = []
     if cover:
-        order = list(kinds)[:count]
+        order = list(kinds)
         rng.shuffle(order)
+        del order[count:]
     order += [rng.choice(list(kinds)) for _ in range(count - len(order))]
     out = []
     for kind in order:
@@ -121,6 +135,8 @@ def make_schedule(
         elif kind == "delay":
             delay = round(rng.uniform(0.02, 0.1), 3)
             out.append(Fault(kind, (some,), round(rng.uniform(2.0, 4.0), 2), delay))
+        elif kind == "kill_broker":
+            out.append(Fault(kind, (), round(rng.uniform(2.0, 4.0), 2)))
         else:
             raise ValueError(f"unknown fault kind {kind!r}; one of {', '.join(KINDS)}")
     return out
@@ -176,6 +192,10 @@ class FaultRecord:
 
     @property
     def hit_master(self) -> bool:
+        """The fault took the master away from the cluster: it hit the master's node or link,
+        or killed the broker the master was on."""
+        if self.fault.kind == "kill_broker":
+            return True
         return self.master_before in self.nodes and self.fault.kind != "delay"
 
 
@@ -338,15 +358,25 @@ def _between(blocks: Sequence[sinklog.Block], t0_ns: int, t1_ns: int) -> list[si
 
 
 class Recorder(Watcher):
-    """A Watcher that also keeps every role/term transition of every node and every change of
-    the master's playback, with the time it saw them."""
+    """A Watcher on every broker of the cluster's list (what it hears on each is merged: a node
+    publishes on one broker at a time) that also keeps every role/term transition of every node
+    and every change of the master's playback, with the time it saw them."""
 
-    def __init__(self, broker_url: str, cluster: str) -> None:
+    def __init__(self, broker_urls: Sequence[str], cluster: str) -> None:
         self.transitions: list[Transition] = []
         self.changes: list[PlaybackChange] = []
         self._roles: dict[str, tuple[str, int]] = {}
         self._last_playback: tuple[Any, ...] | None = None
-        super().__init__(broker_url, cluster)
+        super().__init__(broker_urls[0], cluster)
+        self._client.reconnect_delay_set(RECONNECT_DELAY_S, RECONNECT_DELAY_S)
+        self._others: list[Any] = []
+        for url in broker_urls[1:]:
+            client, subscribed = _subscribed_client(
+                f"watch-{uuid.uuid4().hex[:12]}", url, [f"{self.base}/#"], 0, self._on_message
+            )
+            client.reconnect_delay_set(RECONNECT_DELAY_S, RECONNECT_DELAY_S)
+            self._others.append(client)
+            subscribed.wait(5)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         super()._on_message(client, userdata, msg)
@@ -386,16 +416,34 @@ class Recorder(Watcher):
         with self._lock:
             return list(self.transitions), list(self.changes)
 
+    def connected(self) -> bool:
+        """Connected to every broker (and so subscribed or about to be)."""
+        return all(c.is_connected() for c in (self._client, *self._others))
+
+    def close(self) -> None:
+        for client in self._others:
+            client.disconnect()
+            client.loop_stop()
+        super().close()
+
 
 class Workload:
-    """A client thread issuing enqueue, play, pause and forward at random, recording replies."""
+    """A client thread issuing enqueue, play, pause and forward at random, recording replies.
+
+    It has a client per broker of the cluster's list and sends each command through the first;
+    a command that hears no reply there is sent again through the next (each attempt is a reply
+    of its own: an unanswered one may still have been applied)."""
 
     WEIGHTS: ClassVar[dict[str, int]] = {"enqueue": 4, "play": 3, "pause": 1, "forward": 2}
 
     def __init__(
-        self, client: NSyncClient, songs: Sequence[str], rng: random.Random, interval_s: float
+        self,
+        clients: Sequence[NSyncClient],
+        songs: Sequence[str],
+        rng: random.Random,
+        interval_s: float,
     ) -> None:
-        self.client = client
+        self.clients = list(clients)
         self.songs = list(songs)
         self.rng = rng
         self.interval_s = interval_s
@@ -443,49 +491,73 @@ class Workload:
                     continue
                 verb = self.rng.choices(verbs, weights)[0]
                 song = self.rng.choice(self.songs) if verb == "enqueue" else None
-                t0 = time.monotonic()
-                try:
-                    r = self.client.enqueue_song(song) if song else self.client.request(verb)
-                    success, msg = r.get("success") is True, str(r.get("msg"))
-                except Exception as err:  # a broken client connection is a failed command too
-                    success, msg = False, f"client error: {err!r}"
-                self.add(Reply(t0, time.monotonic(), verb, song, success, msg))
+                for client in self.clients:
+                    if self._send(client, verb, song):
+                        break
             self._stop.wait(self.rng.uniform(0.5, 1.5) * self.interval_s)
+
+    def _send(self, client: NSyncClient, verb: str, song: str | None) -> bool:
+        """Send one command and record its reply; False if nothing answered it."""
+        t0 = time.monotonic()
+        answered = True
+        try:
+            r = client.enqueue_song(song) if song else client.request(verb)
+            success, msg = r.get("success") is True, str(r.get("msg"))
+            answered = success or not msg.startswith("no reply")
+        except Exception as err:  # a broken client connection is a failed command too
+            success, msg, answered = False, f"client error: {err!r}", False
+        self.add(Reply(t0, time.monotonic(), verb, song, success, msg))
+        return answered
 
 
 class Probe:
-    """Times how long the cluster cannot serve: publishes a volume command every 50 ms until a
-    master acknowledges one."""
+    """Times how long the cluster cannot serve: publishes a volume command every 50 ms on every
+    broker of the cluster's list until a master acknowledges one."""
 
-    def __init__(self, broker_url: str, cluster: str) -> None:
-        name = f"probe-{uuid.uuid4().hex[:8]}"
-        self.raw = RawClient(broker_url, cluster, [Topics(cluster).reply(name)], client_id=name)
+    def __init__(self, broker_urls: Sequence[str], cluster: str) -> None:
+        self.name = f"probe-{uuid.uuid4().hex[:8]}"
+        self.topics = Topics(cluster)
+        self.raws: list[RawClient] = []
+        try:
+            for url in broker_urls:
+                raw = RawClient(url, cluster, [self.topics.reply(self.name)], client_id=self.name)
+                self.raws.append(raw)
+                raw._client.reconnect_delay_set(RECONNECT_DELAY_S, RECONNECT_DELAY_S)
+        except Exception:
+            self.close()
+            raise
         self._ids = 0
 
     def first_success(self, until: float) -> tuple[float, float] | None:
         """(sent, answered) of the first command acknowledged before ``until``, or None."""
-        topic = self.raw.topics.reply(self.raw.reply_to)
+        topic = self.topics.reply(self.name)
         sent: dict[str, float] = {}
-        mark = self.raw.mark()
+        marks = [raw.mark() for raw in self.raws]
         while time.monotonic() < until:
-            self._ids += 1
-            req = f"{self.raw.reply_to}-{self._ids}"
-            sent[req] = time.monotonic()
-            body = {"volume": PROBE_VOLUME, "client_req_id": req, "reply_to": self.raw.reply_to}
-            with contextlib.suppress(Exception):
-                self.raw.publish(self.raw.topics.cmd("volume"), json.dumps(body))
-            for m in self.raw.since(mark):
-                if m.topic != topic:
-                    continue
-                with contextlib.suppress(ValueError, AttributeError):
-                    r = json.loads(m.payload)
-                    if r.get("success") is True and r.get("client_req_id") in sent:
-                        return sent[r["client_req_id"]], time.monotonic()
+            for raw in self.raws:
+                self._ids += 1
+                req = f"{self.name}-{self._ids}"
+                sent[req] = time.monotonic()
+                body = {"volume": PROBE_VOLUME, "client_req_id": req, "reply_to": self.name}
+                # QoS 0 and no waiting: a broker that is down drops it (nothing queued for later)
+                raw._client.publish(self.topics.cmd("volume"), json.dumps(body), qos=0)
+            for raw, mark in zip(self.raws, marks, strict=True):
+                for m in raw.since(mark):
+                    if m.topic != topic:
+                        continue
+                    with contextlib.suppress(ValueError, AttributeError):
+                        r = json.loads(m.payload)
+                        if r.get("success") is True and r.get("client_req_id") in sent:
+                            return sent[r["client_req_id"]], time.monotonic()
             time.sleep(PROBE_INTERVAL_S)
         return None
 
+    def connected(self) -> bool:
+        return all(raw._client.is_connected() for raw in self.raws)
+
     def close(self) -> None:
-        self.raw.close()
+        for raw in self.raws:
+            raw.close()
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -533,7 +605,8 @@ class ChaosResult:
         for r in self.records:
             outage = f", outage {r.outage_s:.2f} s" if r.outage_s is not None else ""
             lines.append(
-                f"  #{r.index} {r.fault} on {','.join(r.nodes)} (master {r.master_before}){outage}"
+                f"  #{r.index} {r.fault} on {','.join(r.nodes) or 'the first broker'} "
+                f"(master {r.master_before}){outage}"
                 + (f" [{'; '.join(r.notes)}]" if r.notes else "")
             )
         for name in INVARIANTS:
@@ -582,12 +655,13 @@ class _Run:
         self.result = result
         self.timing = Timing()
         self.ids = [f"n{i + 1}" for i in range(cfg.nodes)]
-        self.broker: BrokerProcess | None = None
+        self.broker: BrokerProcess | None = None  # the first of the list, behind the proxies
+        self.second: BrokerProcess | None = None  # the second, reached directly
         self.proxies: dict[str, FaultProxy] = {}
         self.cluster: NodeCluster | None = None
         self.recorder: Recorder | None = None
         self.probe: Probe | None = None
-        self.client: NSyncClient | None = None
+        self.clients: list[NSyncClient] = []
         self.workload: Workload | None = None
         self.stopped: set[str] = set()  # SIGSTOPped nodes
         self.song_frames: dict[str, int] = {}
@@ -598,17 +672,24 @@ class _Run:
         cfg = self.cfg
         cfg.workdir.mkdir(parents=True, exist_ok=True)
         self.broker = BrokerProcess("mosquitto", free_port(), cfg.workdir).start()
+        self.second = BrokerProcess("mosquitto", free_port(), cfg.workdir).start()
+        urls = [self.broker.url, self.second.url]
         for n in self.ids:
             self.proxies[n] = FaultProxy("127.0.0.1", self.broker.port).start()
         specs = [
-            NodeSpec(n, broker_url=f"mqtt://127.0.0.1:{self.proxies[n].port}") for n in self.ids
+            NodeSpec(
+                n,
+                broker_url=f"mqtt://127.0.0.1:{self.proxies[n].port}",
+                extra=["--broker", self.second.url],
+            )
+            for n in self.ids
         ]
         name = unique_cluster_name()
         self.cluster = NodeCluster(self.broker.url, cfg.workdir / "cluster", specs, cluster=name)
-        self.recorder = Recorder(self.broker.url, name)
+        self.recorder = Recorder(urls, name)
         self.cluster.start()
         self.cluster.wait_ready(READY_TIMEOUT_S)
-        self.probe = Probe(self.broker.url, name)
+        self.probe = Probe(urls, name)
         rng = random.Random(f"{cfg.seed}-songs")
         songs = []
         with contextlib.closing(self.cluster.client(timeout=5.0)) as setup:
@@ -620,16 +701,19 @@ class _Run:
                 with wave.open(str(path), "rb") as w:
                     self.song_frames[song] = w.getnframes()
                 songs.append(song)
-        self.client = self.cluster.client(timeout=cfg.client_timeout_s)
+        for url in urls:
+            client = NSyncClient(url, name, timeout=cfg.client_timeout_s)
+            client._client.reconnect_delay_set(RECONNECT_DELAY_S, RECONNECT_DELAY_S)
+            self.clients.append(client.connect())
         self.workload = Workload(
-            self.client, songs, random.Random(f"{cfg.seed}-client"), cfg.client_interval_s
+            self.clients, songs, random.Random(f"{cfg.seed}-client"), cfg.client_interval_s
         ).start()
 
     def close(self) -> None:
         """Stop everything this run started, each by its own handle, whatever state it is in."""
         if self.workload is not None:
             self.workload.stop()
-        for closer in (self.client, self.probe, self.recorder):
+        for closer in (*self.clients, self.probe, self.recorder):
             if closer is not None:
                 with contextlib.suppress(Exception):
                     closer.close()
@@ -640,8 +724,9 @@ class _Run:
         for proxy in self.proxies.values():
             with contextlib.suppress(Exception):
                 proxy.stop()
-        if self.broker is not None:
-            self.broker.stop()
+        for broker in (self.broker, self.second):
+            if broker is not None:
+                broker.stop()
 
     # -- faults
 
@@ -669,6 +754,10 @@ class _Run:
         rec.master_before = self._master()
         resolved = (rec.master_before if t == MASTER else t for t in fault.targets)
         rec.nodes = tuple(dict.fromkeys(n for n in resolved if n))
+        logs_at = self._log_sizes()
+        if fault.kind == "kill_broker":
+            assert self.broker is not None
+            self.broker.kill()
         rec.t_start = time.monotonic()
         for n in rec.nodes:
             if fault.kind in ("kill_master", "kill_f"):
@@ -692,9 +781,12 @@ class _Run:
             self.workload.add(Reply(first[0], first[1], "volume", None, True, "probe"))
         self.cluster.wait_ready(READY_TIMEOUT_S)
         rec.t_ready = time.monotonic()
+        self._note_logs(rec, logs_at)
 
     def restore(self, rec: FaultRecord) -> None:
         assert self.cluster is not None
+        if rec.fault.kind == "kill_broker":
+            self._restart_broker()
         for n in rec.nodes:
             if rec.fault.kind in ("kill_master", "kill_f"):
                 self.cluster.start_node(n)
@@ -705,6 +797,49 @@ class _Run:
             elif rec.fault.kind == "delay":
                 self.proxies[n].delay(0.0)
         rec.t_heal = time.monotonic()
+
+    def _restart_broker(self) -> None:
+        """Start the first broker again on its port, and let the nodes reach it through their
+        proxies only once the recorder, the probe and the clients are back on it (a node's
+        first states there must not go unseen)."""
+        assert self.broker is not None and self.recorder is not None and self.probe is not None
+        for proxy in self.proxies.values():
+            proxy.cut()  # to a node, no different from the dead broker behind the proxy
+        try:
+            self.broker.start()
+            deadline = time.monotonic() + OBSERVERS_BACK_TIMEOUT_S
+            while time.monotonic() < deadline and not (
+                self.recorder.connected()
+                and self.probe.connected()
+                and all(c._client.is_connected() for c in self.clients)
+            ):
+                time.sleep(0.02)
+            time.sleep(0.1)  # their subscriptions, sent on connect, are in place
+        finally:
+            for proxy in self.proxies.values():
+                proxy.heal()
+
+    def _log_sizes(self) -> dict[str, int]:
+        assert self.cluster is not None
+        paths = {n: self.cluster.node_log(n) for n in self.ids}
+        return {n: p.stat().st_size if p.exists() else 0 for n, p in paths.items()}
+
+    def _note_logs(self, rec: FaultRecord, since: Mapping[str, int]) -> None:
+        """Note which nodes stopped playing (cut off) and how often nodes switched brokers while
+        the fault lasted, from what their logs gained since ``since``."""
+        assert self.cluster is not None
+        texts = {}
+        for n in self.ids:
+            with contextlib.suppress(OSError), self.cluster.node_log(n).open("rb") as f:
+                f.seek(since.get(n, 0))
+                texts[n] = f.read().decode(errors="replace")
+        cut_off = [n for n, text in texts.items() if CUT_OFF_LOG in text]
+        if cut_off:
+            rec.notes.append(f"stopped playing, cut off: {','.join(cut_off)}")
+        away = sum(text.count(FAILOVER_LOG) for text in texts.values())
+        back = sum(text.count(MOVED_BACK_LOG) for text in texts.values())
+        if away or back:
+            rec.notes.append(f"nodes switched broker: {away} failovers, {back} moves back")
 
     def check_agreement(self, rec: FaultRecord | None) -> None:
         """After healing, every node reports the same playlist hash and index (ops may still be

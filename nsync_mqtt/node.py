@@ -73,6 +73,7 @@ VERBS = {
 UNKNOWN_FRAMES = 1 << 62  # a held song whose length is not known yet
 NODE_STATE_PERIOD_S = 1.0
 NODE_ALIVE_S = 3.0
+BROKER_FAILOVER_GRACE_S = 1.5  # per broker in the list, before a masterless node gives up
 SYNC_RETRY_S = 0.5  # a node waiting for the master's state asks again this often
 REANCHOR_TOLERANCE_S = 0.002  # a playing sink this close to a new schedule keeps going
 STATE_PUBLISH_DELAY_S = 0.02  # retained state follows a change within this, coalesced
@@ -548,7 +549,9 @@ class Node:
             self._masterless_since = now
             return
         window = self.timing.election_timeout_max_s
-        if self.recovering or now - self._masterless_since < window:
+        # the bus may still be working through its broker list: give each broker its turn
+        grace = window + len(self.cfg.broker) * BROKER_FAILOVER_GRACE_S
+        if self.recovering or now - self._masterless_since < grace:
             return
         heard = sum(1 for p in self.cfg.peers if now - self.peer_seen.get(p, -1e18) < window)
         if heard + 1 >= self.majority:

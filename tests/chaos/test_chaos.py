@@ -1,6 +1,7 @@
-"""The chaos suite, short profile: five real nodes behind fault proxies, a seeded schedule of
-faults (every kind at least once per seed), a client issuing commands throughout, and the
-invariants of nsync_mqtt.chaos checked at the end. The long profile is bench/bench_chaos.py.
+"""The chaos suite, short profile: five real nodes behind fault proxies with a second broker to
+fail over to, seeded schedules of faults (five distinct kinds per seed, every kind over the
+seeds), a client issuing commands throughout, and the invariants of nsync_mqtt.chaos checked
+at the end. The long profile is bench/bench_chaos.py.
 
 The checkers themselves are tested first, on literal records."""
 
@@ -16,6 +17,8 @@ from nsync_mqtt.chaos import (
     KINDS,
     MASTER,
     ChaosConfig,
+    Fault,
+    FaultRecord,
     Reply,
     Transition,
     continuity_problems,
@@ -30,7 +33,7 @@ from nsync_mqtt.chaos import (
 from nsync_mqtt.sinklog import Block
 
 NODES = ["n1", "n2", "n3", "n4", "n5"]
-SEEDS = (1, 3)
+SEEDS = (1, 5)  # between them, every kind of fault
 FAULTS_PER_SEED = 5
 A, B = "a" * 56, "b" * 56
 MS = 1_000_000
@@ -50,10 +53,30 @@ def test_schedule_replays_from_its_seed_and_covers_every_kind() -> None:
             assert 1 <= len(fault.targets) <= 2 and set(fault.targets) <= set(NODES)
         elif fault.kind == "kill_master":
             assert fault.targets == (MASTER,)
+        elif fault.kind == "kill_broker":
+            assert fault.targets == () and 2.0 <= fault.hold_s <= 4.0
+            assert str(fault) == f"kill_broker({fault.hold_s:.1f}s)"
         if fault.kind == "delay":
             assert 0.02 <= fault.delay_s <= 0.1
         else:
             assert fault.delay_s == 0.0
+
+
+def test_a_short_schedule_draws_distinct_kinds_and_the_short_profile_covers_them_all() -> None:
+    few = make_schedule(random.Random(7), NODES, 3)
+    assert len({f.kind for f in few}) == 3
+    assert few == make_schedule(random.Random(7), NODES, 3)
+    seen = {f.kind for s in SEEDS for f in make_schedule(random.Random(s), NODES, FAULTS_PER_SEED)}
+    assert seen == set(KINDS)
+    assert "kill_broker" in KINDS
+
+
+def test_a_broker_kill_counts_as_a_fault_on_the_master() -> None:
+    broker = FaultRecord(0, Fault("kill_broker", (), 2.0), nodes=(), master_before="n1")
+    delay = FaultRecord(1, Fault("delay", (MASTER,), 2.0, 0.05), nodes=("n1",), master_before="n1")
+    other = FaultRecord(2, Fault("stop", ("n2",), 2.0), nodes=("n2",), master_before="n1")
+    cut = FaultRecord(3, Fault("cut", (MASTER,), 2.0), nodes=("n1",), master_before="n1")
+    assert [r.hit_master for r in (broker, delay, other, cut)] == [True, False, False, True]
 
 
 def test_two_masters_in_one_term_are_reported() -> None:
@@ -142,7 +165,7 @@ def test_invariants_hold_under_faults(
     print(report)
     assert result.error is None, report
     assert len(result.records) == FAULTS_PER_SEED
-    assert {r.fault.kind for r in result.records} == set(KINDS)
+    assert len({r.fault.kind for r in result.records}) == FAULTS_PER_SEED
     for name in chaos.INVARIANTS:
         assert result.checked[name] > 0, f"{name} never checked\n{report}"
     assert result.passed, report

@@ -72,3 +72,26 @@ def test_nodes_fail_over_and_come_back(
             wait_for(lambda: len(w.node_states(live_only=True)) == 3, 10, "all nodes on the first")
         finally:
             w.close()
+
+
+def test_an_earlier_broker_counts_as_back_only_when_it_answers_mqtt(
+    broker_factory: Callable[[str], BrokerProcess],
+) -> None:
+    import asyncio
+
+    from nsync_mqtt.bus import _broker_answers, parse_broker_url
+    from nsync_mqtt.faultproxy import FaultProxy
+    from nsync_mqtt.testing import free_port
+
+    live = broker_factory("mosquitto")
+    embedded = broker_factory("amqtt")
+    with FaultProxy("127.0.0.1", free_port()) as to_nothing:  # accepts TCP, no broker behind
+        urls = {
+            "mosquitto": (live.url, True),
+            "amqtt": (embedded.url, True),
+            "proxy to a dead broker": (f"mqtt://127.0.0.1:{to_nothing.port}", False),
+            "closed port": (f"mqtt://127.0.0.1:{free_port()}", False),
+        }
+        for what, (url, expected) in urls.items():
+            answered = asyncio.run(_broker_answers(parse_broker_url(url), 1.0))
+            assert answered is expected, what
