@@ -37,7 +37,16 @@ def main() -> int:
     p.add_argument(
         "--out", default="chaos.json", help="result file in bench/results (default chaos.json)"
     )
+    p.add_argument(
+        "--kinds",
+        default=",".join(KINDS),
+        help=f"comma-separated fault kinds to draw from (default all: {','.join(KINDS)})",
+    )
     args = p.parse_args()
+    drawn = tuple(k for k in args.kinds.split(",") if k)
+    unknown = [k for k in drawn if k not in KINDS]
+    if unknown or not drawn:
+        p.error(f"unknown fault kind(s) {','.join(unknown)!r}; choose from {','.join(KINDS)}")
 
     def terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # unwind through the harness's cleanup: no process left behind
@@ -56,7 +65,7 @@ def main() -> int:
     before = common.conditions()
     with tempfile.TemporaryDirectory(prefix="nsync-chaos-") as tmp:
         workdir = args.keep or Path(tmp)
-        result = run_chaos(ChaosConfig(args.seed, args.faults, workdir), progress)
+        result = run_chaos(ChaosConfig(args.seed, args.faults, workdir, kinds=drawn), progress)
     after = common.conditions()
 
     print()
@@ -90,6 +99,7 @@ def main() -> int:
         "bench": "chaos",
         "command": ".venv/bin/python bench/bench_chaos.py "
         f"--faults {args.faults} --seed {args.seed}"
+        + (f" --kinds {','.join(drawn)}" if drawn != KINDS else "")
         + (f" --out {args.out}" if args.out != "chaos.json" else ""),
         "date": common.now_iso(),
         "machine": common.machine(),

@@ -575,6 +575,7 @@ class ChaosConfig:
     client_timeout_s: float = 1.0
     client_interval_s: float = 0.4
     cover: bool = True
+    kinds: tuple[str, ...] = KINDS
 
 
 @dataclass
@@ -963,7 +964,11 @@ def run_chaos(cfg: ChaosConfig, progress: Any = None) -> ChaosResult:
     ``ChaosResult.error`` with the records so far)."""
     started = time.monotonic()
     schedule = make_schedule(
-        random.Random(cfg.seed), [f"n{i + 1}" for i in range(cfg.nodes)], cfg.faults, cfg.cover
+        random.Random(cfg.seed),
+        [f"n{i + 1}" for i in range(cfg.nodes)],
+        cfg.faults,
+        cfg.cover,
+        cfg.kinds,
     )
     result = ChaosResult(cfg.seed, schedule)
     run = _Run(cfg, result)

@@ -48,6 +48,7 @@ from nsync_mqtt.vote import (
     Election,
     GrantPreVote,
     GrantVote,
+    IsolationWatch,
     RequestPreVotes,
     RequestVotes,
     Role,
@@ -202,7 +203,12 @@ class Node:
         self.node_info: dict[str, dict[str, Any]] = {}
         self.last_seen: dict[str, float] = {}
         self.peer_seen: dict[str, float] = {}  # any message from a peer, as a follower sees it
-        self._masterless_since: float | None = None
+        # the bus may still be working through its broker list: give each broker its turn
+        self.isolation = IsolationWatch(
+            window_s=self.timing.election_timeout_max_s,
+            grace_s=self.timing.election_timeout_max_s + len(cfg.broker) * BROKER_FAILOVER_GRACE_S,
+            majority=self.majority,
+        )
         self._recovery_started: float | None = None
         self._sync_asked_at = -1e18
         self.recovery: dict[str, float] | None = None  # the last recovery's timings
@@ -321,8 +327,7 @@ class Node:
             self._publish_node_state()
             if self.is_master:
                 self._expire_acks(now)
-            else:
-                self._check_isolation(now)
+            self._check_isolation(now)
 
     # ------------------------------------------------------------------ effects
 
@@ -541,26 +546,19 @@ class Node:
     def _check_isolation(self, now: float) -> None:
         """No master, and no election can succeed (fewer than f+1 nodes reachable, this one
         included): stop playing, as the paper prescribes for a partition, and recover when a
-        master is heard again."""
-        if self.election.master is not None:
-            self._masterless_since = None
+        master is heard again. Checked as master too, so that a spell without a master starts
+        when a master steps down."""
+        others = [p for p in self.cfg.peers if p != self.cfg.id]
+        if not self.isolation.cut_off(now, self.election.master, others, self.peer_seen):
             return
-        if self._masterless_since is None:
-            self._masterless_since = now
+        if self.recovering:
             return
-        window = self.timing.election_timeout_max_s
-        # the bus may still be working through its broker list: give each broker its turn
-        grace = window + len(self.cfg.broker) * BROKER_FAILOVER_GRACE_S
-        if self.recovering or now - self._masterless_since < grace:
-            return
-        heard = sum(1 for p in self.cfg.peers if now - self.peer_seen.get(p, -1e18) < window)
-        if heard + 1 >= self.majority:
-            return  # an election can still succeed: keep playing meanwhile
+        heard = self.isolation.heard(now, others, self.peer_seen)
         log.warning(
             "node %s is cut off (%d of %d peers reachable, no master): stopping playback",
             self.cfg.id,
             heard,
-            len(self.cfg.peers) - 1,
+            len(others),
         )
         self.sink.stop()
         self._scheduled = None

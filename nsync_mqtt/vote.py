@@ -29,6 +29,7 @@ calls ``tick`` at ``deadline()``, and carries out the effects returned.
 from __future__ import annotations
 
 import enum
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -327,3 +328,39 @@ class Election:
         self._votes.clear()
         self._deadline = now + self.timing.heartbeat_interval_s
         return [BecameMaster(self.term), SendHeartbeat(self.term)]
+
+
+@dataclass
+class IsolationWatch:
+    """The paper's partition rule, pure: a node that has had no master for ``grace_s`` and has
+    not heard, within ``window_s``, enough peers for any election to succeed (fewer than
+    ``majority`` nodes, itself included) is cut off: it stops playing and recovers.
+
+    ``grace_s`` covers an election and the bus working through its broker list. The masterless
+    spell starts at the first check that sees no master; a check that sees a master (this node
+    included) ends it, so the spell of a master that steps down starts at its step-down, not at
+    some earlier masterless spell."""
+
+    window_s: float
+    grace_s: float
+    majority: int
+    masterless_since: float | None = None
+
+    def cut_off(
+        self, now: float, master: str | None, peers: Sequence[str], seen: dict[str, float]
+    ) -> bool:
+        """Check at ``now``; ``seen`` maps a peer to when it was last heard from. True when
+        the node must stop playing (call again after it has recovered)."""
+        if master is not None:
+            self.masterless_since = None
+            return False
+        if self.masterless_since is None:
+            self.masterless_since = now
+            return False
+        if now - self.masterless_since < self.grace_s:
+            return False
+        return self.heard(now, peers, seen) + 1 < self.majority
+
+    def heard(self, now: float, peers: Sequence[str], seen: dict[str, float]) -> int:
+        """How many of ``peers`` were heard from within ``window_s`` of ``now``."""
+        return sum(1 for p in peers if now - seen.get(p, -math.inf) < self.window_s)

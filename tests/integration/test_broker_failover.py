@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from nsync_mqtt import sinklog
 from nsync_mqtt.client import NSyncClient
+from nsync_mqtt.replication import sha224_file
 from nsync_mqtt.testing import (
     BrokerProcess,
     NodeCluster,
@@ -46,9 +48,11 @@ def test_nodes_fail_over_and_come_back(
     cluster = NodeCluster(first.url, tmp_path / "c", specs, cluster=name)
     with cluster:
         cluster.wait_ready()
+        song = tone_file(tmp_path, "Survivor", 30.0, 440.0)
         with contextlib.closing(cluster.client(timeout=5.0)) as client:
-            ok(client.enqueue_song(tone_file(tmp_path, "Survivor", 20.0, 440.0)))
+            ok(client.enqueue_song(song))
             ok(client.play())
+        time.sleep(1.0)
         first.kill()
         t_kill = time.monotonic()
         reply = wait_for(lambda: serving(second.url, name), 15, "a master on the second broker")
@@ -72,6 +76,12 @@ def test_nodes_fail_over_and_come_back(
             wait_for(lambda: len(w.node_states(live_only=True)) == 3, 10, "all nodes on the first")
         finally:
             w.close()
+    # every node, the master whose broker died included, played on through both moves
+    h = sha224_file(song)
+    for n in cluster.specs:
+        blocks = [b for b in sinklog.read_log(cluster.sink_log(n)) if b.song == h]
+        assert blocks, f"{n} never played"
+        assert sinklog.gaps_ns(blocks) == [], f"{n} stopped playing during the broker failover"
 
 
 def test_an_earlier_broker_counts_as_back_only_when_it_answers_mqtt(
