@@ -113,6 +113,7 @@ class FaultProxy:
         self.port = listen_port
         self._cut = False
         self._delay_s = 0.0
+        self._target_down = False  # the last connection to the target failed
         self._links: set[_Link] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -285,18 +286,28 @@ class FaultProxy:
                 CONNECT_TIMEOUT_S,
             )
         except (OSError, TimeoutError) as err:
-            log.warning(
+            # once per outage: a client retrying a dead broker would flood the log
+            (log.debug if self._target_down else log.warning)(
                 "fault proxy %d: cannot reach %s:%d: %r",
                 self.port,
                 self.target_host,
                 self.target_port,
                 err,
             )
+            self._target_down = True
             writer.transport.abort()
             return
         except BaseException:
             writer.transport.abort()
             raise
+        if self._target_down:
+            log.info(
+                "fault proxy %d: %s:%d reachable again",
+                self.port,
+                self.target_host,
+                self.target_port,
+            )
+            self._target_down = False
         if self._cut:  # cut while connecting
             writer.transport.abort()
             upstream[1].transport.abort()

@@ -179,6 +179,8 @@ class Node:
         # the saved playback's instants were on a clock of the past: keep the place, not the
         # schedule (a restarted node pulls the master's state; a restarted cluster is paused)
         self.state = durable.state.at_rest()
+        self._last_log = durable.last_log
+        self._last_log_at = durable.last_log_at  # wall clock, kept across restarts
         self._synced = False  # pull the master's state at the first heartbeat
         self.recovering = False
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -351,7 +353,12 @@ class Node:
     def _persist(self) -> None:
         """Save term, vote and player state before anything that promises them goes out."""
         term, voted_for = self.election.vote_state()
-        self.state_file.save(Durable(term, voted_for, self.state, self.election.last_log))
+        if self.election.last_log != self._last_log:
+            self._last_log = self.election.last_log
+            self._last_log_at = round(time.time(), 3)
+        self.state_file.save(
+            Durable(term, voted_for, self.state, self._last_log, self._last_log_at)
+        )
 
     def _run_effects(self, effects: list[Effect]) -> None:
         if effects:
@@ -1210,6 +1217,11 @@ class Node:
             "clock": stats,
             "songs": sorted(self.store.songs()),
             "index": self.state.index,
+            "last_op": {
+                "term": self._last_log[0],
+                "index": self._last_log[1],
+                "applied_at": self._last_log_at,
+            },
             "playlist_hash": self.state.hash,
             "playback": self.state.playback.state,
         }

@@ -2,7 +2,8 @@
 
 The election term and vote (a node votes at most once per term, even across a restart), the
 player state (playlist, slot, playback, volume, operation index) and the last applied operation
-``(term, index)`` that makes a node's log "up to date" in an election. Written atomically: a
+``(term, index)`` that makes a node's log "up to date" in an election, with the wall-clock time
+(Unix seconds) at which this node applied it. Written atomically: a
 temp file, fsync, rename, fsync of the directory; a crash leaves either the old or the new file,
 never a torn one. The node saves before it answers (a vote, an ack), so what it promised
 survives it.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,7 @@ class Durable:
     voted_for: str | None = None
     state: PlayerState = field(default_factory=PlayerState)
     last_log: tuple[int, int] = (0, 0)  # (term, index) of the last applied operation
+    last_log_at: float | None = None  # when it was applied here, Unix seconds
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -40,6 +43,7 @@ class Durable:
             "voted_for": self.voted_for,
             "state": self.state.to_dict(),
             "last_log": list(self.last_log),
+            "last_log_at": self.last_log_at,
         }
 
     @classmethod
@@ -59,7 +63,13 @@ class Durable:
             or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in last)
         ):
             raise ProtocolError("last_log must be [term, index]")
-        return cls(term, voted_for, PlayerState.from_dict(d.get("state")), (last[0], last[1]))
+        at = d.get("last_log_at")  # absent in files written before it was kept
+        if at is not None and (
+            not isinstance(at, (int, float)) or isinstance(at, bool) or not math.isfinite(at)
+        ):
+            raise ProtocolError("last_log_at must be a time in Unix seconds")
+        state = PlayerState.from_dict(d.get("state"))
+        return cls(term, voted_for, state, (last[0], last[1]), None if at is None else float(at))
 
 
 class StateFile:

@@ -231,6 +231,7 @@ def test_a_restarted_cluster_remembers_its_playlist_and_terms(
 ) -> None:
     a = tone_file(tmp_path, "Kept A", 3.0, 440.0)
     b = tone_file(tmp_path, "Kept B", 3.0, 550.0)
+    t0 = time.time()
     ok(client.enqueue_song(a))
     ok(client.enqueue_song(b))
     ok(client.play())
@@ -241,7 +242,13 @@ def test_a_restarted_cluster_remembers_its_playlist_and_terms(
     for node in list(cluster.specs):
         assert cluster.stop_node(node) == 0
     for node in cluster.specs:
-        assert json_state(cluster, node)["term"] == terms[node]  # on disk as it was
+        doc = json_state(cluster, node)
+        assert doc["term"] == terms[node]  # on disk as it was
+        state = doc["state"]
+        assert isinstance(state, dict) and state["index"] >= 3  # two enqueues and a play
+        last_term, last_index = doc["last_log"]  # type: ignore[misc]
+        assert 1 <= last_term <= terms[node] and last_index == state["index"]
+        assert isinstance(doc["last_log_at"], float) and t0 <= doc["last_log_at"] <= time.time()
     cluster.start()
     cluster.wait_ready()
     with contextlib.closing(cluster.client(timeout=5.0)) as again:
