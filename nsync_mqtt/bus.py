@@ -297,6 +297,7 @@ class Bus:
         self._in_read = False  # paho is processing received packets (and calling handlers)
         self._task: asyncio.Task[None] | None = None
         self._started = False
+        self._acks: dict[int, asyncio.Future[None]] = {}  # mid -> PUBACK awaited
 
         client = _new_client(_HandOverClient, client_id, self._urls[0])
         if will is not None:
@@ -309,6 +310,7 @@ class Bus:
         client.on_connect = self._paho_connect
         client.on_disconnect = self._paho_disconnect
         client.on_subscribe = self._paho_subscribe
+        client.on_publish = self._paho_publish
         self._client = client
 
     @property
@@ -368,6 +370,29 @@ class Bus:
                 log.debug("event loop closed, dropping message on %s", topic)
             return
         self._publish(topic, payload, qos, retain)
+
+    async def publish_acked(self, topic: str, payload: bytes, timeout_s: float) -> bool:
+        """Publish (QoS 1) from the loop thread and wait until the broker has the message
+        (its PUBACK): a sender that paces itself this way keeps at most a few messages queued
+        ahead of everyone else's. False if ``timeout_s`` passed first (the message stays
+        queued, and goes out after a reconnect like any other) or the bus is closing."""
+        if self._closing:
+            return False
+        info = self._client.publish(topic, payload, 1)
+        if not self._in_read and self._client.want_write():
+            self._client.loop_write()
+        if info.is_published():
+            return True
+        fut = asyncio.get_running_loop().create_future()
+        self._acks[info.mid] = fut
+        try:
+            await asyncio.wait_for(fut, timeout_s)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            if self._acks.get(info.mid) is fut:
+                del self._acks[info.mid]
 
     async def close(self) -> None:
         """Disconnect cleanly (queued messages, then DISCONNECT: no last will)."""
@@ -559,6 +584,13 @@ class Bus:
         if mid == self._restore_mid:
             self._restore_mid = None
             self._on_ready()
+
+    def _paho_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any
+    ) -> None:
+        fut = self._acks.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     def _paho_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any

@@ -27,7 +27,15 @@ from nsync_mqtt.bus import Bus
 from nsync_mqtt.clock import SimClock
 from nsync_mqtt.config import NodeConfig, parse_host_port
 from nsync_mqtt.errors import CommandError, NSyncError, ProtocolError
-from nsync_mqtt.messages import Message, Topics, check_hash, decode, decode_chunk, encode
+from nsync_mqtt.messages import (
+    Message,
+    Topics,
+    check_hash,
+    decode,
+    decode_chunk,
+    encode,
+    encode_chunk,
+)
 from nsync_mqtt.persist import Durable, StateFile
 from nsync_mqtt.playlist import (
     PLAYING,
@@ -39,7 +47,13 @@ from nsync_mqtt.playlist import (
     apply_op,
     next_song,
 )
-from nsync_mqtt.replication import Manifest, SongStore, chunk_header, read_chunk
+from nsync_mqtt.replication import (
+    Manifest,
+    SongStore,
+    TransferQueue,
+    chunk_header,
+    read_chunk,
+)
 from nsync_mqtt.timesync import ClockEstimator, lead_time
 from nsync_mqtt.vote import (
     BecameFollower,
@@ -80,6 +94,8 @@ REANCHOR_TOLERANCE_S = 0.002  # a playing sink this close to a new schedule keep
 STATE_PUBLISH_DELAY_S = 0.02  # retained state follows a change within this, coalesced
 PING_BURST_SAMPLES = 32  # samples taken quickly after a master change ...
 PING_BURST_INTERVAL_S = 0.02  # ... at this interval
+TRANSFER_WINDOW = 2  # chunks of a background song transfer not yet taken by the broker
+TRANSFER_ACK_TIMEOUT_S = 2.0  # a chunk the broker has not taken by then no longer holds up the next
 
 
 def make_reply(
@@ -198,6 +214,8 @@ class Node:
         self._tasks: list[asyncio.Task[Any]] = []
         self._lag = 0
         self._sink_pending = False  # playback waits for clock calibration
+        self.transfers = TransferQueue()  # chunks owed to recovering nodes (master)
+        self._transfer_wake = asyncio.Event()
         self._scheduled: tuple[Any, ...] | None = None
         # master duties
         self.pending: dict[tuple[int, int], PendingAck] = {}
@@ -267,6 +285,7 @@ class Node:
             asyncio.create_task(self._election_loop(), name="election"),
             asyncio.create_task(self._ping_loop(), name="ping"),
             asyncio.create_task(self._housekeeping_loop(), name="housekeeping"),
+            asyncio.create_task(self._transfer_loop(), name="transfer"),
         ]
         log.info("node %s up (peers %s)", self.cfg.id, ",".join(self.cfg.peers))
         await self._stop.wait()
@@ -635,15 +654,52 @@ class Node:
         self._send_chunks(song, missing, self.topics.internal(f"chunk/{msg.src}"))
 
     def _send_chunks(self, song: str, indices: list[int] | None, topic: str) -> None:
-        from nsync_mqtt.messages import encode_chunk
-
+        """Owe ``topic`` these chunks of ``song`` (all with None); the transfer loop sends
+        them in the background."""
         manifest = Manifest(song, self.store.size_of(song), self.cfg.chunk_size_kib * 1024)
-        wanted = range(manifest.n_chunks) if indices is None else indices
-        path = self.store.path(song)
-        for i in wanted:
-            if isinstance(i, int) and 0 <= i < manifest.n_chunks:
-                data = read_chunk(path, manifest, i)
-                self.bus.publish(topic, encode_chunk(chunk_header(manifest, i), data))
+        n = manifest.n_chunks
+        wanted = range(n) if indices is None else indices
+        self.transfers.add(topic, song, (i for i in wanted if isinstance(i, int) and 0 <= i < n))
+        self._transfer_wake.set()
+
+    async def _transfer_loop(self) -> None:
+        """Send the chunks owed, paced: at most TRANSFER_WINDOW of them not yet taken by the
+        broker, so a command's messages never queue behind more than that much song data."""
+        window = asyncio.Semaphore(TRANSFER_WINDOW)
+        sending: set[asyncio.Task[None]] = set()
+
+        async def send(topic: str, payload: bytes) -> None:
+            try:
+                await self.bus.publish_acked(topic, payload, TRANSFER_ACK_TIMEOUT_S)
+            finally:
+                window.release()
+
+        try:
+            while True:
+                item = self.transfers.pop()
+                if item is None:
+                    self._transfer_wake.clear()
+                    await self._transfer_wake.wait()
+                    continue
+                topic, song, index = item
+                if not self.store.has(song):
+                    self.transfers.drop(song)
+                    continue
+                manifest = Manifest(song, self.store.size_of(song), self.cfg.chunk_size_kib * 1024)
+                try:
+                    data = read_chunk(self.store.path(song), manifest, index)
+                except OSError as err:
+                    log.warning("cannot read chunk %d of %s…: %s", index, song[:12], err)
+                    continue
+                await window.acquire()
+                task = asyncio.create_task(
+                    send(topic, encode_chunk(chunk_header(manifest, index), data))
+                )
+                sending.add(task)
+                task.add_done_callback(sending.discard)
+        finally:
+            for task in sending:
+                task.cancel()
 
     def _msg_offer(self, now: float, msg: Message) -> None:
         manifest = Manifest.from_dict(msg.get("manifest"))

@@ -146,6 +146,45 @@ def read_chunk(path: Path, manifest: Manifest, index: int) -> bytes:
     return data
 
 
+class TransferQueue:
+    """The chunks a master owes other nodes, pure: merged per (topic, song) without
+    duplicates, handed out one at a time, taking turns between the songs and destinations
+    owed, so two recovering nodes both make progress. The driver sends what ``pop`` returns,
+    paced, in the background."""
+
+    def __init__(self) -> None:
+        self._owed: dict[tuple[str, str], list[int]] = {}  # insertion order = turn order
+
+    def add(self, topic: str, song: str, indices: Iterable[int]) -> None:
+        owed = self._owed.setdefault((topic, song), [])
+        known = set(owed)
+        for i in indices:
+            if i not in known:
+                owed.append(i)
+                known.add(i)
+        if not owed:
+            del self._owed[(topic, song)]
+
+    def pop(self) -> tuple[str, str, int] | None:
+        """The next (topic, song, chunk index) to send, or None when nothing is owed."""
+        if not self._owed:
+            return None
+        key = next(iter(self._owed))
+        owed = self._owed.pop(key)
+        index = owed.pop(0)
+        if owed:
+            self._owed[key] = owed  # to the back of the line
+        return key[0], key[1], index
+
+    def drop(self, song: str) -> None:
+        """Forget every chunk of ``song`` (it is gone from the store)."""
+        for key in [k for k in self._owed if k[1] == song]:
+            del self._owed[key]
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._owed.values())
+
+
 def choose_evictions(
     sizes: Mapping[str, int],
     last_used: Mapping[str, float],

@@ -230,3 +230,33 @@ def test_a_broker_that_stops_answering_is_dropped_by_keepalive(
             await bus.close()
 
     run(main())
+
+
+def test_publish_acked_waits_for_the_broker(
+    broker_kind: str, broker_factory: BrokerFactory, unique_topic: str
+) -> None:
+    """True once the broker has the message; False while a hung broker holds back its PUBACK
+    (the message stays queued and still arrives, in order, when the broker wakes up)."""
+    broker = broker_factory(broker_kind)
+    pid = broker.proc.pid
+
+    async def main() -> None:
+        got, handler = collector()
+        bus = Bus([broker.url], "acked-node", keepalive_s=30)
+        bus.subscribe(unique_topic, handler)
+        await bus.start()
+        try:
+            assert await bus.publish_acked(unique_topic, b"first", 5.0) is True
+            assert (await within(got.get()))[1] == b"first"
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                assert await bus.publish_acked(unique_topic, b"held", 0.3) is False
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert await bus.publish_acked(unique_topic, b"after", 5.0) is True
+            assert [(await within(got.get()))[1] for _ in range(2)] == [b"held", b"after"]
+        finally:
+            await bus.close()
+        assert await bus.publish_acked(unique_topic, b"closed", 1.0) is False
+
+    run(main())
