@@ -52,7 +52,10 @@ from nsync_mqtt.replication import (
     SongStore,
     TransferQueue,
     chunk_header,
+    parse_held,
     read_chunk,
+    songs_to_push,
+    stalled_songs,
 )
 from nsync_mqtt.timesync import ClockEstimator, lead_time
 from nsync_mqtt.vote import (
@@ -94,6 +97,7 @@ REANCHOR_TOLERANCE_S = 0.002  # a playing sink this close to a new schedule keep
 STATE_PUBLISH_DELAY_S = 0.02  # retained state follows a change within this, coalesced
 PING_BURST_SAMPLES = 32  # samples taken quickly after a master change ...
 PING_BURST_INTERVAL_S = 0.02  # ... at this interval
+SONG_RETRY_S = 3.0  # a lacked playlist song with no progress for this long is asked for again
 TRANSFER_WINDOW = 2  # chunks of a background song transfer not yet taken by the broker
 TRANSFER_ACK_TIMEOUT_S = 2.0  # a chunk the broker has not taken by then no longer holds up the next
 
@@ -215,6 +219,7 @@ class Node:
         self._lag = 0
         self._sink_pending = False  # playback waits for clock calibration
         self.transfers = TransferQueue()  # chunks owed to recovering nodes (master)
+        self._song_progress: dict[str, float] = {}  # song lacked -> last chunk in or request out
         self._transfer_wake = asyncio.Event()
         self._scheduled: tuple[Any, ...] | None = None
         # master duties
@@ -349,6 +354,7 @@ class Node:
             if self.is_master:
                 self._expire_acks(now)
             self._check_isolation(now)
+            self._retry_stalled_songs(now)
 
     # ------------------------------------------------------------------ effects
 
@@ -600,7 +606,26 @@ class Node:
         self.recovering = True
         self._lag = 0
         self._sync_asked_at = self.clock.now()
-        self._send("sync_req", index=self.state.index)
+        # the songs held (and how much of those in progress), so the master can push the rest
+        partial = {}
+        for song in set(self.state.playlist):
+            missing = self._missing_chunks(song)
+            if missing is not None:
+                partial[song] = missing
+        self._send(
+            "sync_req", index=self.state.index, songs=sorted(self.store.songs()), partial=partial
+        )
+
+    def _missing_chunks(self, song: str) -> list[int] | None:
+        """The chunks of ``song`` this node still lacks, if it holds part of it; None if it
+        holds none of it (or all: the song is complete)."""
+        for manifest in self.store.partial_songs():
+            if manifest.song == song:
+                try:
+                    return self.store.assembly(manifest).missing() or None
+                except (ProtocolError, OSError):
+                    return None
+        return None
 
     def _msg_sync_req(self, now: float, msg: Message) -> None:
         if not self.is_master:
@@ -611,7 +636,19 @@ class Node:
                 manifests[song] = Manifest(
                     song, self.store.size_of(song), self.cfg.chunk_size_kib * 1024
                 ).to_dict()
-        self._send_to(msg.src, "sync", state=self.state.to_dict(), manifests=manifests)
+        try:
+            held, partial = parse_held(msg.get("songs"), msg.get("partial"))
+        except ProtocolError as err:
+            log.warning("sync_req from %s without a usable song list: %s", msg.src, err)
+            push = {}
+        else:
+            push = songs_to_push(self.state.playlist, manifests, held, partial)
+        self._send_to(
+            msg.src, "sync", state=self.state.to_dict(), manifests=manifests, sending=sorted(push)
+        )
+        topic = self.topics.internal(f"chunk/{msg.src}")
+        for song, indices in push.items():
+            self._send_chunks(song, indices, topic)  # in the background, after the state
 
     def _msg_sync(self, now: float, msg: Message) -> None:
         if msg.src != self.election.master or msg.term < self.election.term:
@@ -627,9 +664,15 @@ class Node:
         self._set_state(new)
         self._persist()
         self._drive_sink(force=True)  # the sink may have been stopped while out of step
+        sending = msg.get("sending")
+        coming = {s for s in sending if isinstance(s, str)} if isinstance(sending, list) else set()
         for song in set(new.playlist):
-            if not self.store.has(song):
-                self._want(song, None)
+            if self.store.has(song):
+                continue
+            if song in coming:
+                self._song_progress[song] = now  # the master pushes it
+            else:
+                self._want(song, self._missing_chunks(song))
         self._check_songs_recovered()
         self._publish_node_state(force=True)
 
@@ -642,7 +685,18 @@ class Node:
             rec["songs_ms"] = round((self.clock.now() - rec["why_at"]) * 1e3, 2)
 
     def _want(self, song: str, missing: list[int] | None) -> None:
+        self._song_progress[song] = self.clock.now()
         self._send("want", song=song, missing=missing)
+
+    def _retry_stalled_songs(self, now: float) -> None:
+        """A follower in step that still lacks playlist songs whose transfer stalled (the
+        master that sent them died, chunks were lost) asks its master again."""
+        if self.is_master or self.election.master is None or self.recovering or not self._synced:
+            return
+        needed = [s for s in self.state.playlist if not self.store.has(s)]
+        for song in stalled_songs(now, needed, self._song_progress, SONG_RETRY_S):
+            log.info("asking again for %s… (no progress for %g s)", song[:12], SONG_RETRY_S)
+            self._want(song, self._missing_chunks(song))
 
     def _msg_want(self, now: float, msg: Message) -> None:
         if not self.is_master:
@@ -829,6 +883,7 @@ class Node:
                 self.load_errors[claimed] = str(err)  # a load waits for it: tell the client
                 self.song_events[claimed].set()
             return
+        self._song_progress[song] = self.clock.now()
         if complete:
             self._song_arrived(song)
 
@@ -848,6 +903,7 @@ class Node:
         self._song_arrived(song, upload_reply=self.is_master)
 
     def _song_arrived(self, song: str, upload_reply: bool = False) -> None:
+        self._song_progress.pop(song, None)
         self.holders.setdefault(song, set()).add(self.cfg.id)
         self._check_songs_recovered()
         self._evict(keep=song)

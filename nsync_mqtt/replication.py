@@ -146,6 +146,52 @@ def read_chunk(path: Path, manifest: Manifest, index: int) -> bytes:
     return data
 
 
+def songs_to_push(
+    playlist: Iterable[str],
+    master_holds: Collection[str],
+    node_holds: Collection[str],
+    node_partial: Mapping[str, Collection[int]],
+) -> dict[str, list[int] | None]:
+    """What a master sends a recovering node that told it which songs it holds: every
+    playlist song the master holds and the node lacks, mapped to the chunk indices the node
+    still misses (None: all of them, it has none)."""
+    out: dict[str, list[int] | None] = {}
+    for song in playlist:
+        if song in out or song in node_holds or song not in master_holds:
+            continue
+        missing = node_partial.get(song)
+        out[song] = sorted(missing) if missing is not None else None
+    return out
+
+
+def parse_held(songs: object, partial: object) -> tuple[set[str], dict[str, list[int]]]:
+    """The `songs` and `partial` fields of a `sync_req`, checked: the songs a node holds and,
+    for songs it holds part of, the chunk indices it misses."""
+    if not isinstance(songs, list):
+        raise ProtocolError("sync_req field 'songs' must be a list of song hashes")
+    held = {check_hash(s, "songs entry") for s in songs}
+    if partial is None:
+        return held, {}
+    if not isinstance(partial, dict):
+        raise ProtocolError("sync_req field 'partial' must map song hashes to chunk indices")
+    out: dict[str, list[int]] = {}
+    for song, missing in partial.items():
+        check_hash(song, "partial key")
+        if not isinstance(missing, list) or not all(_is_int(i) and i >= 0 for i in missing):
+            raise ProtocolError("sync_req 'partial' values must be lists of chunk indices")
+        out[song] = missing
+    return held, out
+
+
+def stalled_songs(
+    now: float, needed: Iterable[str], progress: Mapping[str, float], retry_s: float
+) -> list[str]:
+    """The songs a node needs and lacks whose transfer made no progress (no chunk received,
+    no request sent) for ``retry_s``: ask for them again (the master that was sending them
+    may be gone)."""
+    return [s for s in dict.fromkeys(needed) if now - progress.get(s, -math.inf) >= retry_s]
+
+
 class TransferQueue:
     """The chunks a master owes other nodes, pure: merged per (topic, song) without
     duplicates, handed out one at a time, taking turns between the songs and destinations

@@ -92,3 +92,59 @@ def test_cut_off_speaker_stops_then_rejoins_in_sync(
     frames = [after[0].frame + RATE // 2, after[0].frame + RATE]
     skew = sinklog.max_skew(logs, h, frames)
     assert skew is not None and skew < 5_000_000, f"n3 rejoined {skew} ns off"
+
+
+def test_a_speaker_restarted_with_an_empty_data_dir_is_sent_its_songs_and_rejoins(
+    proxied: tuple[NodeCluster, FaultProxy], tmp_path: Path
+) -> None:
+    """The restarted speaker tells the master which songs it holds (none); the master sends it
+    the playlist's songs unasked, and the speaker plays the current one in sync."""
+    import json
+    import shutil
+    import signal
+
+    from nsync_mqtt.testing import RawClient
+
+    cluster, _ = proxied
+    states = cluster.wait_ready()
+    speaker = next(n for n, s in states.items() if s.get("role") != "master" and n != "n3")
+    playing = tone_file(tmp_path, "Playing", 12.0, 440.0)
+    queued = tone_file(tmp_path, "Queued", 4.0, 660.0)
+    songs = {sha224_file(playing), sha224_file(queued)}
+    client = cluster.client(timeout=5.0)
+    ok(client.enqueue_song(playing))
+    ok(client.enqueue_song(queued))
+    ok(client.play())
+    time.sleep(1.0)
+    proc = cluster.procs.pop(speaker)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    shutil.rmtree(cluster.workdir / speaker)
+    wants = RawClient(
+        cluster.broker_url, cluster.cluster, [f"nsync/{cluster.cluster}/internal/want"]
+    )
+    try:
+        with cluster.watch() as w:
+            t_restart = time.monotonic_ns()
+            cluster.start_node(speaker)
+
+            def recovered() -> dict[str, object] | None:
+                s = w.node_states(live_only=True).get(speaker) or {}
+                rec = s.get("recovery")
+                held = set(s.get("songs") or [])
+                return s if isinstance(rec, dict) and "songs_ms" in rec and songs <= held else None
+
+            wait_for(recovered, 20, f"{speaker} to hold both songs again")
+        asked = [json.loads(m.payload) for m in wants.since(0)]
+        assert not [m for m in asked if m.get("src") == speaker], "the songs came unasked"
+    finally:
+        wants.close()
+    time.sleep(1.5)
+    client.close()
+    h = sha224_file(playing)
+    logs = {n: sinklog.read_log(cluster.sink_log(n)) for n in cluster.specs}
+    after = [b for b in logs[speaker] if b.song == h and b.t_ns > t_restart]
+    assert after, f"{speaker} never played again after its restart"
+    frames = [after[0].frame + RATE // 2, after[0].frame + RATE]
+    skew = sinklog.max_skew(logs, h, frames)
+    assert skew is not None and skew < 5_000_000, f"{speaker} rejoined {skew} ns off"

@@ -1,8 +1,12 @@
-"""TransferQueue: the chunks a master owes, merged, without duplicates, taking turns."""
+"""Background song transfers: the chunks a master owes (merged, without duplicates, taking
+turns), what it pushes to a recovering node, and when a node asks again."""
 
 from __future__ import annotations
 
-from nsync_mqtt.replication import TransferQueue
+import pytest
+
+from nsync_mqtt.errors import ProtocolError
+from nsync_mqtt.replication import TransferQueue, parse_held, songs_to_push, stalled_songs
 
 A, B = "a" * 56, "b" * 56
 
@@ -58,3 +62,45 @@ def test_drop_forgets_a_song_for_every_destination() -> None:
     q.add("to/n2", B, [3])
     q.drop(A)
     assert drain(q) == [("to/n2", B, 3)]
+
+
+# -- what a master pushes to a recovering node, and when a node asks again ---------------------
+
+C = "c" * 56
+
+
+def test_the_master_pushes_the_playlist_songs_the_node_lacks() -> None:
+    push = songs_to_push([A, B, C, A], master_holds={A, B, C}, node_holds={B}, node_partial={})
+    assert push == {A: None, C: None}
+
+
+def test_a_partly_received_song_is_pushed_from_where_the_node_stopped() -> None:
+    push = songs_to_push([A, B], master_holds={A, B}, node_holds=set(), node_partial={A: [7, 3]})
+    assert push == {A: [3, 7], B: None}
+
+
+def test_a_song_the_master_lacks_is_not_promised() -> None:
+    assert songs_to_push([A, B], master_holds={B}, node_holds=set(), node_partial={}) == {B: None}
+
+
+def test_parse_held_checks_the_sync_request() -> None:
+    assert parse_held([A, B], {C: [0, 2]}) == ({A, B}, {C: [0, 2]})
+    assert parse_held([], None) == (set(), {})
+    for songs, partial in [
+        ("nope", None),
+        (["not a hash"], None),
+        ([A], [1, 2]),
+        ([A], {"x": [1]}),
+        ([A], {C: [-1]}),
+        ([A], {C: [True]}),
+        ([A], {C: "0,1"}),
+    ]:
+        with pytest.raises(ProtocolError):
+            parse_held(songs, partial)
+
+
+def test_stalled_songs_are_those_without_progress_for_the_retry_time() -> None:
+    progress = {A: 10.0, B: 12.5}
+    assert stalled_songs(13.0, [A, B, C], progress, retry_s=3.0) == [A, C]
+    assert stalled_songs(13.0, [B, B], progress, retry_s=3.0) == []
+    assert stalled_songs(15.5, [B, B], progress, retry_s=3.0) == [B]
