@@ -267,23 +267,58 @@ def _end_ns(b: sinklog.Block) -> int:
     return b.t_ns + round(b.frames * 1e9 / b.rate)
 
 
-def continuity_problems(
+@dataclass(frozen=True)
+class Break:
+    """Where a node's playback did not continue: its block ending at ``t_ns`` (song
+    ``from_song`` up to ``from_frame``) was followed at ``next_t_ns`` by ``to_song`` from
+    ``to_frame``; for a node that stopped, ``next_t_ns`` and ``to_song`` are None."""
+
+    t_ns: int
+    next_t_ns: int | None
+    from_song: str | None
+    from_frame: int
+    to_song: str | None
+    to_frame: int
+    what: str
+
+    def __str__(self) -> str:
+        if self.next_t_ns is None:
+            return f"stopped playing at t={self.t_ns / 1e9:.3f}"
+        return (
+            f"{self.what} at t={self.t_ns / 1e9:.3f}: {str(self.from_song)[:8]} frame "
+            f"{self.from_frame} -> {str(self.to_song)[:8]} frame {self.to_frame}"
+        )
+
+    def matches(self, other: Break, tolerance_ns: int = SKEW_TOLERANCE_NS) -> bool:
+        """The same change of playback, at the same instants, on another node."""
+        if self.to_song != other.to_song or abs(self.t_ns - other.t_ns) > tolerance_ns:
+            return False
+        if self.next_t_ns is None or other.next_t_ns is None:
+            return self.next_t_ns is other.next_t_ns
+        frames = tolerance_ns * 44_100 // 1_000_000_000
+        return (
+            abs(self.next_t_ns - other.next_t_ns) <= tolerance_ns
+            and abs(self.to_frame - other.to_frame) <= frames
+        )
+
+
+def continuity_breaks(
     blocks: Sequence[sinklog.Block],
     t0_ns: int,
     t1_ns: int,
     song_frames: Mapping[str, int],
     excused_ns: Sequence[tuple[int, int]],
-) -> tuple[bool, list[str]]:
+) -> tuple[bool, list[Break]]:
     """Did a node that was playing at ``t0_ns`` keep playing without a gap until ``t1_ns``?
 
-    Returns (playing at t0, problems). A break in time or frames between two blocks is excused
+    Returns (playing at t0, breaks). A break in time or frames between two blocks is excused
     where the song ended by itself or where it falls in one of ``excused_ns`` (the master
     changed the playback then).
     """
     i = next((k for k, b in enumerate(blocks) if _end_ns(b) > t0_ns), None)
     if i is None or blocks[i].t_ns > t0_ns + GAP_TOLERANCE_NS:
         return False, []
-    problems: list[str] = []
+    problems: list[Break] = []
     for a, b in zip(blocks[i:], blocks[i + 1 :], strict=False):
         end = _end_ns(a)
         if end >= t1_ns:
@@ -300,16 +335,52 @@ def continuity_problems(
         what = f"gap {gap / 1e6:.1f} ms" if abs(gap) > GAP_TOLERANCE_NS else "a jump"
         if abs(gap) <= GAP_TOLERANCE_NS and same:
             what = f"a jump of {skipped / 1e6:.1f} ms"
-        problems.append(
-            f"{what} at t={end / 1e9:.3f}: {str(a.song)[:8]} frame {a.end_frame} -> "
-            f"{str(b.song)[:8]} frame {b.frame}"
-        )
+        problems.append(Break(end, b.t_ns, a.song, a.end_frame, b.song, b.frame, what))
     else:
         last = blocks[-1]
         natural = last.song is not None and last.end_frame >= song_frames.get(last.song, 1 << 62)
-        if _end_ns(last) < t1_ns and not natural and not _within(_end_ns(last), excused_ns):
-            problems.append(f"stopped playing at t={_end_ns(last) / 1e9:.3f}")
+        end = _end_ns(last)
+        if end < t1_ns and not natural and not _within(end, excused_ns):
+            problems.append(Break(end, None, last.song, last.end_frame, None, 0, "stopped"))
     return True, problems
+
+
+def continuity_problems(
+    blocks: Sequence[sinklog.Block],
+    t0_ns: int,
+    t1_ns: int,
+    song_frames: Mapping[str, int],
+    excused_ns: Sequence[tuple[int, int]],
+) -> tuple[bool, list[str]]:
+    """``continuity_breaks``, described."""
+    playing, breaks = continuity_breaks(blocks, t0_ns, t1_ns, song_frames, excused_ns)
+    return playing, [str(b) for b in breaks]
+
+
+def unexplained_breaks(
+    breaks: Mapping[str, Sequence[Break]], maybe_ns: Sequence[tuple[int, int]]
+) -> dict[str, list[Break]]:
+    """The breaks left once those the whole cluster made together are set aside.
+
+    ``breaks`` holds, for every node that was playing through a fault, the breaks no observed
+    playback change explains. A break counts as the cluster's own (a command applied while the
+    observers could not see the master, say on a broker being killed) only if every one of
+    these nodes made the same break at the same instants and it falls in one of ``maybe_ns``
+    (a playback command was in flight). A break on some nodes only is left in."""
+    out: dict[str, list[Break]] = {}
+    for node, own in breaks.items():
+        others = [b for n, b in breaks.items() if n != node]
+        out[node] = [
+            b
+            for b in own
+            if not (
+                others
+                and _within(b.t_ns, maybe_ns)
+                and (b.next_t_ns is None or _within(b.next_t_ns, maybe_ns))
+                and all(any(b.matches(o) for o in theirs) for theirs in others)
+            )
+        ]
+    return out
 
 
 def _within(t_ns: int, spans: Sequence[tuple[int, int]]) -> bool:
@@ -918,12 +989,19 @@ class _Run:
         name = "no_gap_for_survivors"
         lead = self.timing.lead_max_s
         excused = [(int((c.t - 0.05) * 1e9), int((c.t + lead + 0.1) * 1e9)) for c in changes]
+        # playback commands in flight, answered or not: the master may have applied one unseen
+        maybe = [
+            (int((r.t_sent - 0.05) * 1e9), int((r.t_done + lead + 0.1) * 1e9))
+            for r in self.result.replies
+            if r.verb in PLAYBACK_VERBS
+        ]
         for rec in self.result.records:
             t0, t1 = int(rec.t_start * 1e9), int(rec.t_ready * 1e9)
+            breaks: dict[str, list[Break]] = {}
             for n in self.ids:
                 if n in rec.nodes:
                     continue
-                playing, problems = continuity_problems(
+                playing, found = continuity_breaks(
                     _between(logs[n], t0 - 200_000_000, t1 + 1_000_000_000),
                     t0,
                     t1,
@@ -932,10 +1010,11 @@ class _Run:
                 )
                 if playing:
                     self.result.checked[name] += 1
-                    self.result.violations[name] += [
-                        f"#{rec.index} {rec.fault} (master {rec.master_before}), {n}: {p}"
-                        for p in problems
-                    ]
+                    breaks[n] = found
+            for n, left in unexplained_breaks(breaks, maybe).items():
+                self.result.violations[name] += [
+                    f"#{rec.index} {rec.fault} (master {rec.master_before}), {n}: {b}" for b in left
+                ]
 
     def check_rejoins(self, logs: Mapping[str, list[sinklog.Block]]) -> None:
         """A node hit by a fault plays in step with the untouched ones once it is back."""

@@ -21,6 +21,7 @@ from nsync_mqtt.chaos import (
     FaultRecord,
     Reply,
     Transition,
+    continuity_breaks,
     continuity_problems,
     disagreement,
     double_masters,
@@ -29,6 +30,7 @@ from nsync_mqtt.chaos import (
     master_log_transitions,
     rejoin_skew_ns,
     run_chaos,
+    unexplained_breaks,
 )
 from nsync_mqtt.sinklog import Block
 
@@ -143,6 +145,38 @@ def test_continuity_finds_gaps_unless_explained() -> None:
     assert continuity_problems(ended, 100 * MS, 1500 * MS, frames, []) == (True, [])
     stopped = blocks(A, 0, 10)
     assert "stopped playing" in continuity_problems(stopped, 100 * MS, 1500 * MS, frames, [])[1][0]
+
+
+def test_a_change_every_node_made_together_during_a_command_is_the_clusters_own() -> None:
+    """A forward the observers missed (its state went to a broker being killed): every node
+    jumped to the next song at the same instant while a command was in flight. A break on one
+    node only, or with no command in flight, stays a violation."""
+    frames = {A: 100 * BLOCK, B: 100 * BLOCK}
+
+    def forwarded(shift_ns: int) -> list[Block]:
+        before = blocks(A, 0, 10)
+        after = blocks(B, 500, 20)
+        return before + [Block(b.t_ns + shift_ns, b.song, b.frame, b.frames, b.rate) for b in after]
+
+    found = {
+        n: continuity_breaks(forwarded(k * MS), 100 * MS, 1500 * MS, frames, [])
+        for k, n in enumerate(("n1", "n2", "n3"))
+    }
+    assert all(playing and len(b) == 1 for playing, b in found.values())
+    breaks = {n: b for n, (_, b) in found.items()}
+    in_flight = [(300 * MS, 700 * MS)]
+    assert unexplained_breaks(breaks, in_flight) == {"n1": [], "n2": [], "n3": []}
+    assert unexplained_breaks(breaks, []) == breaks  # no command could have caused it
+    # n3 alone stopped for a while (a master stepping down, say): not the cluster's doing
+    _, alone = continuity_breaks(
+        blocks(A, 0, 10) + blocks(A, 900, 20, frame=18 * BLOCK), 100 * MS, 1500 * MS, frames, []
+    )
+    steady = {n: [] for n in ("n1", "n2")}
+    assert unexplained_breaks({**steady, "n3": alone}, [(0, 2000 * MS)])["n3"] == alone
+    # every node stopping together during a pause command is the pause
+    _, stop1 = continuity_breaks(blocks(A, 0, 10), 100 * MS, 1500 * MS, frames, [])
+    _, stop2 = continuity_breaks(blocks(A, 0, 10), 100 * MS, 1500 * MS, frames, [])
+    assert unexplained_breaks({"n1": stop1, "n2": stop2}, in_flight) == {"n1": [], "n2": []}
 
 
 def test_rejoin_skew_compares_the_same_frames() -> None:
