@@ -658,6 +658,8 @@ class ChaosResult:
     violations: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in INVARIANTS})
     checked: Counter[str] = field(default_factory=Counter)
     rejoin_skews_ms: list[float] = field(default_factory=list)
+    # survivor breaks set aside as the cluster's own change (made by all, a command in flight)
+    cluster_changes: list[str] = field(default_factory=list)
     duration_s: float = 0.0
     error: str | None = None
 
@@ -685,6 +687,12 @@ class ChaosResult:
             bad = self.violations[name]
             lines.append(f"{name}: {'ok' if not bad else 'VIOLATED'} ({self.checked[name]} checks)")
             lines.extend(f"    {v}" for v in bad[:20])
+        if self.cluster_changes:
+            lines.append(
+                f"set aside as changes the whole cluster made together while a playback command "
+                f"was in flight: {len(self.cluster_changes)}"
+            )
+            lines.extend(f"    {c}" for c in self.cluster_changes[:20])
         if self.error:
             lines.append(f"error: {self.error}")
         return "\n".join(lines)
@@ -716,6 +724,7 @@ class ChaosResult:
             },
             "election_times_s": [round(x, 3) for x in self.election_times_s()],
             "rejoin_skews_ms": [round(x, 3) for x in self.rejoin_skews_ms],
+            "cluster_changes": self.cluster_changes,
         }
 
 
@@ -1011,9 +1020,11 @@ class _Run:
                 if playing:
                     self.result.checked[name] += 1
                     breaks[n] = found
+            where = f"#{rec.index} {rec.fault} (master {rec.master_before})"
             for n, left in unexplained_breaks(breaks, maybe).items():
-                self.result.violations[name] += [
-                    f"#{rec.index} {rec.fault} (master {rec.master_before}), {n}: {b}" for b in left
+                self.result.violations[name] += [f"{where}, {n}: {b}" for b in left]
+                self.result.cluster_changes += [
+                    f"{where}, {n}: {b}" for b in breaks[n] if b not in left
                 ]
 
     def check_rejoins(self, logs: Mapping[str, list[sinklog.Block]]) -> None:
