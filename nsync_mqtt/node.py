@@ -13,6 +13,7 @@ import contextlib
 import faulthandler
 import json
 import logging
+import math
 import random
 import signal
 import time
@@ -646,9 +647,8 @@ class Node:
         self._send_to(
             msg.src, "sync", state=self.state.to_dict(), manifests=manifests, sending=sorted(push)
         )
-        topic = self.topics.internal(f"chunk/{msg.src}")
         for song, indices in push.items():
-            self._send_chunks(song, indices, topic)  # in the background, after the state
+            self._send_chunks(song, indices, msg.src)  # in the background, after the state
 
     def _msg_sync(self, now: float, msg: Message) -> None:
         if msg.src != self.election.master or msg.term < self.election.term:
@@ -705,15 +705,15 @@ class Node:
         if not self.store.has(song):
             return
         missing = msg.get("missing")
-        self._send_chunks(song, missing, self.topics.internal(f"chunk/{msg.src}"))
+        self._send_chunks(song, missing, msg.src)
 
-    def _send_chunks(self, song: str, indices: list[int] | None, topic: str) -> None:
-        """Owe ``topic`` these chunks of ``song`` (all with None); the transfer loop sends
+    def _send_chunks(self, song: str, indices: list[int] | None, node: str) -> None:
+        """Owe ``node`` these chunks of ``song`` (all with None); the transfer loop sends
         them in the background."""
         manifest = Manifest(song, self.store.size_of(song), self.cfg.chunk_size_kib * 1024)
         n = manifest.n_chunks
         wanted = range(n) if indices is None else indices
-        self.transfers.add(topic, song, (i for i in wanted if isinstance(i, int) and 0 <= i < n))
+        self.transfers.add(node, song, (i for i in wanted if isinstance(i, int) and 0 <= i < n))
         self._transfer_wake.set()
 
     async def _transfer_loop(self) -> None:
@@ -735,10 +735,15 @@ class Node:
                     self._transfer_wake.clear()
                     await self._transfer_wake.wait()
                     continue
-                topic, song, index = item
+                node, song, index = item
                 if not self.store.has(song):
                     self.transfers.drop(song)
                     continue
+                if self.clock.now() - self.peer_seen.get(node, -math.inf) > NODE_ALIVE_S:
+                    log.info("%s went quiet: dropping the chunks owed to it", node)
+                    self.transfers.drop_node(node)
+                    continue
+                topic = self.topics.internal(f"chunk/{node}")
                 manifest = Manifest(song, self.store.size_of(song), self.cfg.chunk_size_kib * 1024)
                 try:
                     data = read_chunk(self.store.path(song), manifest, index)

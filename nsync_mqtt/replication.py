@@ -193,26 +193,26 @@ def stalled_songs(
 
 
 class TransferQueue:
-    """The chunks a master owes other nodes, pure: merged per (topic, song) without
-    duplicates, handed out one at a time, taking turns between the songs and destinations
-    owed, so two recovering nodes both make progress. The driver sends what ``pop`` returns,
-    paced, in the background."""
+    """The chunks a master owes other nodes, pure: merged per (node, song) without
+    duplicates, handed out one at a time, taking turns between the songs and nodes owed, so
+    two recovering nodes both make progress. The driver sends what ``pop`` returns, paced, in
+    the background."""
 
     def __init__(self) -> None:
         self._owed: dict[tuple[str, str], list[int]] = {}  # insertion order = turn order
 
-    def add(self, topic: str, song: str, indices: Iterable[int]) -> None:
-        owed = self._owed.setdefault((topic, song), [])
+    def add(self, node: str, song: str, indices: Iterable[int]) -> None:
+        owed = self._owed.setdefault((node, song), [])
         known = set(owed)
         for i in indices:
             if i not in known:
                 owed.append(i)
                 known.add(i)
         if not owed:
-            del self._owed[(topic, song)]
+            del self._owed[(node, song)]
 
     def pop(self) -> tuple[str, str, int] | None:
-        """The next (topic, song, chunk index) to send, or None when nothing is owed."""
+        """The next (node, song, chunk index) to send, or None when nothing is owed."""
         if not self._owed:
             return None
         key = next(iter(self._owed))
@@ -225,6 +225,11 @@ class TransferQueue:
     def drop(self, song: str) -> None:
         """Forget every chunk of ``song`` (it is gone from the store)."""
         for key in [k for k in self._owed if k[1] == song]:
+            del self._owed[key]
+
+    def drop_node(self, node: str) -> None:
+        """Forget every chunk owed to ``node`` (it went quiet)."""
+        for key in [k for k in self._owed if k[0] == node]:
             del self._owed[key]
 
     def __len__(self) -> int:

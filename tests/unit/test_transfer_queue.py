@@ -20,48 +20,48 @@ def drain(q: TransferQueue) -> list[tuple[str, str, int]]:
 
 def test_empty_queue_owes_nothing() -> None:
     q = TransferQueue()
-    q.add("to/n1", A, [])
+    q.add("n1", A, [])
     assert len(q) == 0 and q.pop() is None
 
 
 def test_a_repeated_request_adds_only_the_chunks_not_already_owed() -> None:
     q = TransferQueue()
-    q.add("to/n1", A, [0, 1, 2])
-    q.add("to/n1", A, [2, 3, 1])
+    q.add("n1", A, [0, 1, 2])
+    q.add("n1", A, [2, 3, 1])
     assert len(q) == 4
-    assert drain(q) == [("to/n1", A, i) for i in (0, 1, 2, 3)]
+    assert drain(q) == [("n1", A, i) for i in (0, 1, 2, 3)]
 
 
 def test_destinations_and_songs_take_turns() -> None:
     q = TransferQueue()
-    q.add("to/n1", A, [0, 1, 2])
-    q.add("to/n2", A, [5, 6])
-    q.add("to/n1", B, [7])
+    q.add("n1", A, [0, 1, 2])
+    q.add("n2", A, [5, 6])
+    q.add("n1", B, [7])
     assert drain(q) == [
-        ("to/n1", A, 0),
-        ("to/n2", A, 5),
-        ("to/n1", B, 7),
-        ("to/n1", A, 1),
-        ("to/n2", A, 6),
-        ("to/n1", A, 2),
+        ("n1", A, 0),
+        ("n2", A, 5),
+        ("n1", B, 7),
+        ("n1", A, 1),
+        ("n2", A, 6),
+        ("n1", A, 2),
     ]
 
 
 def test_a_chunk_sent_can_be_asked_for_again() -> None:
     q = TransferQueue()
-    q.add("to/n1", A, [0, 1])
-    assert q.pop() == ("to/n1", A, 0)
-    q.add("to/n1", A, [0])  # lost on the way: asked again
-    assert drain(q) == [("to/n1", A, 1), ("to/n1", A, 0)]
+    q.add("n1", A, [0, 1])
+    assert q.pop() == ("n1", A, 0)
+    q.add("n1", A, [0])  # lost on the way: asked again
+    assert drain(q) == [("n1", A, 1), ("n1", A, 0)]
 
 
 def test_drop_forgets_a_song_for_every_destination() -> None:
     q = TransferQueue()
-    q.add("to/n1", A, [0, 1])
-    q.add("to/n2", A, [0])
-    q.add("to/n2", B, [3])
+    q.add("n1", A, [0, 1])
+    q.add("n2", A, [0])
+    q.add("n2", B, [3])
     q.drop(A)
-    assert drain(q) == [("to/n2", B, 3)]
+    assert drain(q) == [("n2", B, 3)]
 
 
 # -- what a master pushes to a recovering node, and when a node asks again ---------------------
@@ -104,3 +104,12 @@ def test_stalled_songs_are_those_without_progress_for_the_retry_time() -> None:
     assert stalled_songs(13.0, [A, B, C], progress, retry_s=3.0) == [A, C]
     assert stalled_songs(13.0, [B, B], progress, retry_s=3.0) == []
     assert stalled_songs(15.5, [B, B], progress, retry_s=3.0) == [B]
+
+
+def test_drop_node_forgets_what_a_quiet_node_was_owed() -> None:
+    q = TransferQueue()
+    q.add("n1", A, [0, 1])
+    q.add("n2", A, [0])
+    q.add("n1", B, [3])
+    q.drop_node("n1")
+    assert drain(q) == [("n2", A, 0)]
