@@ -53,6 +53,7 @@ from nsync_mqtt.replication import (
     SongStore,
     TransferQueue,
     chunk_header,
+    next_retry_s,
     parse_held,
     read_chunk,
     songs_to_push,
@@ -99,6 +100,7 @@ STATE_PUBLISH_DELAY_S = 0.02  # retained state follows a change within this, coa
 PING_BURST_SAMPLES = 32  # samples taken quickly after a master change ...
 PING_BURST_INTERVAL_S = 0.02  # ... at this interval
 SONG_RETRY_S = 3.0  # a lacked playlist song with no progress for this long is asked for again
+SONG_RETRY_MAX_S = 60.0  # ... the interval doubling up to this while it stays stalled
 TRANSFER_WINDOW = 2  # chunks of a background song transfer not yet taken by the broker
 TRANSFER_ACK_TIMEOUT_S = 2.0  # a chunk the broker has not taken by then no longer holds up the next
 
@@ -221,6 +223,7 @@ class Node:
         self._sink_pending = False  # playback waits for clock calibration
         self.transfers = TransferQueue()  # chunks owed to recovering nodes (master)
         self._song_progress: dict[str, float] = {}  # song lacked -> last chunk in or request out
+        self._song_retry_s: dict[str, float] = {}  # song stalled -> interval before asking again
         self._transfer_wake = asyncio.Event()
         self._scheduled: tuple[Any, ...] | None = None
         # master duties
@@ -694,8 +697,11 @@ class Node:
         if self.is_master or self.election.master is None or self.recovering or not self._synced:
             return
         needed = [s for s in self.state.playlist if not self.store.has(s)]
-        for song in stalled_songs(now, needed, self._song_progress, SONG_RETRY_S):
-            log.info("asking again for %s… (no progress for %g s)", song[:12], SONG_RETRY_S)
+        retry = self._song_retry_s
+        for song in stalled_songs(now, needed, self._song_progress, retry, SONG_RETRY_S):
+            waited = retry.get(song, SONG_RETRY_S)
+            log.info("asking again for %s… (no progress for %g s)", song[:12], waited)
+            retry[song] = next_retry_s(waited, SONG_RETRY_S, SONG_RETRY_MAX_S)
             self._want(song, self._missing_chunks(song))
 
     def _msg_want(self, now: float, msg: Message) -> None:
@@ -889,6 +895,7 @@ class Node:
                 self.song_events[claimed].set()
             return
         self._song_progress[song] = self.clock.now()
+        self._song_retry_s.pop(song, None)  # it moves: back to the first interval
         if complete:
             self._song_arrived(song)
 
@@ -909,6 +916,7 @@ class Node:
 
     def _song_arrived(self, song: str, upload_reply: bool = False) -> None:
         self._song_progress.pop(song, None)
+        self._song_retry_s.pop(song, None)
         self.holders.setdefault(song, set()).add(self.cfg.id)
         self._check_songs_recovered()
         self._evict(keep=song)

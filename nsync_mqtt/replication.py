@@ -184,12 +184,26 @@ def parse_held(songs: object, partial: object) -> tuple[set[str], dict[str, list
 
 
 def stalled_songs(
-    now: float, needed: Iterable[str], progress: Mapping[str, float], retry_s: float
+    now: float,
+    needed: Iterable[str],
+    progress: Mapping[str, float],
+    retry_s: Mapping[str, float],
+    default_s: float,
 ) -> list[str]:
     """The songs a node needs and lacks whose transfer made no progress (no chunk received,
-    no request sent) for ``retry_s``: ask for them again (the master that was sending them
-    may be gone)."""
-    return [s for s in dict.fromkeys(needed) if now - progress.get(s, -math.inf) >= retry_s]
+    no request sent) for their retry interval (``retry_s``, else ``default_s``): ask for them
+    again (the master that was sending them may be gone)."""
+    return [
+        s
+        for s in dict.fromkeys(needed)
+        if now - progress.get(s, -math.inf) >= retry_s.get(s, default_s)
+    ]
+
+
+def next_retry_s(current_s: float, base_s: float, max_s: float) -> float:
+    """The interval before asking again for a song that stalled again: doubled, at most
+    ``max_s`` (a song this node cannot store must not be fetched every few seconds)."""
+    return min(max(current_s, base_s) * 2, max_s)
 
 
 class TransferQueue:

@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 
 from nsync_mqtt.errors import ProtocolError
-from nsync_mqtt.replication import TransferQueue, parse_held, songs_to_push, stalled_songs
+from nsync_mqtt.replication import (
+    TransferQueue,
+    next_retry_s,
+    parse_held,
+    songs_to_push,
+    stalled_songs,
+)
 
 A, B = "a" * 56, "b" * 56
 
@@ -101,9 +107,17 @@ def test_parse_held_checks_the_sync_request() -> None:
 
 def test_stalled_songs_are_those_without_progress_for_the_retry_time() -> None:
     progress = {A: 10.0, B: 12.5}
-    assert stalled_songs(13.0, [A, B, C], progress, retry_s=3.0) == [A, C]
-    assert stalled_songs(13.0, [B, B], progress, retry_s=3.0) == []
-    assert stalled_songs(15.5, [B, B], progress, retry_s=3.0) == [B]
+    assert stalled_songs(13.0, [A, B, C], progress, {}, 3.0) == [A, C]
+    assert stalled_songs(13.0, [B, B], progress, {}, 3.0) == []
+    assert stalled_songs(15.5, [B, B], progress, {}, 3.0) == [B]
+    assert stalled_songs(15.5, [A, B], progress, {A: 6.0}, 3.0) == [B]  # A waits longer now
+
+
+def test_a_song_that_keeps_stalling_is_asked_for_less_and_less_often() -> None:
+    intervals = [3.0]
+    for _ in range(6):
+        intervals.append(next_retry_s(intervals[-1], 3.0, 60.0))
+    assert intervals == [3.0, 6.0, 12.0, 24.0, 48.0, 60.0, 60.0]
 
 
 def test_drop_node_forgets_what_a_quiet_node_was_owed() -> None:
