@@ -52,6 +52,7 @@ from nsync_mqtt.replication import (
     Manifest,
     SongStore,
     TransferQueue,
+    choose_source,
     chunk_header,
     next_retry_s,
     parse_held,
@@ -688,25 +689,39 @@ class Node:
             rec["songs_ms"] = round((self.clock.now() - rec["why_at"]) * 1e3, 2)
 
     def _want(self, song: str, missing: list[int] | None) -> None:
-        self._song_progress[song] = self.clock.now()
-        self._send("want", song=song, missing=missing)
+        """Ask the master for ``song`` (or, if the master lacks it, a node that holds it)."""
+        now = self.clock.now()
+        self._song_progress[song] = now
+        source = choose_source(
+            self.cfg.id,
+            self.election.master,
+            self.holders.get(song, ()),
+            self.peer_seen,
+            now,
+            NODE_ALIVE_S,
+        )
+        if source is not None:
+            self._send("want", song=song, missing=missing, **{"from": source})
 
     def _retry_stalled_songs(self, now: float) -> None:
-        """A follower in step that still lacks playlist songs whose transfer stalled (the
-        master that sent them died, chunks were lost) asks its master again."""
-        if self.is_master or self.election.master is None or self.recovering or not self._synced:
+        """A node in step that still lacks playlist songs whose transfer stalled (the master
+        that sent them died, chunks were lost; or it became master without them) asks again."""
+        if self.election.master is None or self.recovering:
+            return
+        if not (self.is_master or self._synced):
             return
         needed = [s for s in self.state.playlist if not self.store.has(s)]
         retry = self._song_retry_s
         for song in stalled_songs(now, needed, self._song_progress, retry, SONG_RETRY_S):
             waited = retry.get(song, SONG_RETRY_S)
-            log.info("asking again for %s… (no progress for %g s)", song[:12], waited)
+            log.info("no progress on %s… for %g s: asking for it", song[:12], waited)
             retry[song] = next_retry_s(waited, SONG_RETRY_S, SONG_RETRY_MAX_S)
             self._want(song, self._missing_chunks(song))
 
     def _msg_want(self, now: float, msg: Message) -> None:
-        if not self.is_master:
-            return
+        giver = msg.get("from")
+        if giver != self.cfg.id and not (giver is None and self.is_master):
+            return  # asked of another node
         song = check_hash(msg.get("song"))
         if not self.store.has(song):
             return

@@ -200,6 +200,24 @@ def stalled_songs(
     ]
 
 
+def choose_source(
+    me: str,
+    master: str | None,
+    holders: Collection[str],
+    seen: Mapping[str, float],
+    now: float,
+    alive_s: float,
+) -> str | None:
+    """Whom a node lacking a song asks for it: its master when the master holds it (or when no
+    live holder is known: the master may hold it unannounced), else a holder heard from within
+    ``alive_s`` (the first by name), else nobody. A master lacking a song thus fetches it from
+    a speaker that holds it."""
+    alive = sorted(n for n in holders if n != me and now - seen.get(n, -math.inf) < alive_s)
+    if master is not None and master != me and (master in holders or not alive):
+        return master
+    return alive[0] if alive else None
+
+
 def next_retry_s(current_s: float, base_s: float, max_s: float) -> float:
     """The interval before asking again for a song that stalled again: doubled, at most
     ``max_s`` (a song this node cannot store must not be fetched every few seconds)."""

@@ -148,3 +148,52 @@ def test_a_speaker_restarted_with_an_empty_data_dir_is_sent_its_songs_and_rejoin
     frames = [after[0].frame + RATE // 2, after[0].frame + RATE]
     skew = sinklog.max_skew(logs, h, frames)
     assert skew is not None and skew < 5_000_000, f"{speaker} rejoined {skew} ns off"
+
+
+def test_a_song_whose_sender_died_mid_transfer_is_asked_for_again(
+    proxied: tuple[NodeCluster, FaultProxy], tmp_path: Path
+) -> None:
+    """The master pushing songs to a recovered speaker is killed right after its answer. The
+    speaker, now in step with the next master (or the next master itself: its state is as
+    recent as the other survivor's), notices that playlist songs it lacks make no progress
+    and asks a node that holds them for the chunks it still misses."""
+    import shutil
+    import signal
+
+    from nsync_mqtt.testing import RawClient
+
+    cluster, _ = proxied
+    states = cluster.wait_ready()
+    master = next(n for n, s in states.items() if s.get("role") == "master")
+    speaker = next(n for n in cluster.specs if n != master)
+    playing = tone_file(tmp_path, "Now", 50.0, 440.0)  # ~8.8 MB each: 34 chunks
+    queued = tone_file(tmp_path, "Next", 50.0, 660.0)
+    client = cluster.client(timeout=10.0)
+    ok(client.enqueue_song(playing))
+    ok(client.enqueue_song(queued))
+    ok(client.play())
+    client.close()
+    time.sleep(0.5)
+    proc = cluster.procs.pop(speaker)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    shutil.rmtree(cluster.workdir / speaker)
+    answers = RawClient(
+        cluster.broker_url, cluster.cluster, [f"nsync/{cluster.cluster}/internal/to/{speaker}"]
+    )
+    try:
+        cluster.start_node(speaker)
+        answers.wait(lambda m: b'"t":"sync"' in m.payload, "the master's sync", timeout_s=15)
+        cluster.procs.pop(master).kill()  # mid-push: most chunks never leave it
+    finally:
+        answers.close()
+    next_song = sha224_file(queued)
+    with cluster.watch() as w:
+
+        def holds_both() -> bool:
+            s = w.node_states(live_only=True).get(speaker) or {}
+            return {sha224_file(playing), next_song} <= set(s.get("songs") or [])
+
+        wait_for(holds_both, 30, f"{speaker} to hold both songs")
+    log_text = cluster.node_log(speaker).read_text(errors="replace")
+    assert f"no progress on {next_song[:12]}… for" in log_text

@@ -8,6 +8,7 @@ import pytest
 from nsync_mqtt.errors import ProtocolError
 from nsync_mqtt.replication import (
     TransferQueue,
+    choose_source,
     next_retry_s,
     parse_held,
     songs_to_push,
@@ -127,3 +128,16 @@ def test_drop_node_forgets_what_a_quiet_node_was_owed() -> None:
     q.add("n1", B, [3])
     q.drop_node("n1")
     assert drain(q) == [("n2", A, 0)]
+
+
+def test_a_node_asks_its_master_or_else_a_live_holder() -> None:
+    seen = {"n2": 9.9, "n3": 9.8, "n4": 1.0}
+    # the master holds it, or nobody else known to: ask the master
+    assert choose_source("n1", "n2", {"n2", "n3"}, seen, 10.0, 3.0) == "n2"
+    assert choose_source("n1", "n2", set(), seen, 10.0, 3.0) == "n2"
+    # the master lacks it: a live holder (n4 went quiet long ago)
+    assert choose_source("n1", "n2", {"n3", "n4"}, seen, 10.0, 3.0) == "n3"
+    # a master lacking a song asks a speaker; nobody to ask
+    assert choose_source("n2", "n2", {"n3"}, seen, 10.0, 3.0) == "n3"
+    assert choose_source("n2", "n2", {"n2", "n4"}, seen, 10.0, 3.0) is None
+    assert choose_source("n1", None, {"n4"}, seen, 10.0, 3.0) is None
