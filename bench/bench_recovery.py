@@ -62,9 +62,7 @@ class Commander:
 def recover(cluster: NodeCluster, node: str, wipe: bool) -> dict[str, Any]:
     """Kill and restart ``node``; its recovery timings, with ``window``: when (host monotonic
     seconds) it asked the master and when it held every song."""
-    proc = cluster.procs.pop(node)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    cluster.stop_node(node, signal.SIGKILL)
     if wipe:
         shutil.rmtree(cluster.workdir / node)
     with cluster.watch() as w:

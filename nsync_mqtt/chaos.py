@@ -40,7 +40,7 @@ from nsync_mqtt.client import NSyncClient
 from nsync_mqtt.faultproxy import FaultProxy
 from nsync_mqtt.messages import Topics
 from nsync_mqtt.persist import Durable
-from nsync_mqtt.playlist import playlist_hash
+from nsync_mqtt.playlist import RATE, playlist_hash
 from nsync_mqtt.replication import sha224_file
 from nsync_mqtt.testing import (
     BrokerProcess,
@@ -295,7 +295,7 @@ class Break:
             return False
         if self.next_t_ns is None or other.next_t_ns is None:
             return self.next_t_ns is other.next_t_ns
-        frames = tolerance_ns * 44_100 // 1_000_000_000
+        frames = tolerance_ns * RATE // 1_000_000_000
         return (
             abs(self.next_t_ns - other.next_t_ns) <= tolerance_ns
             and abs(self.to_frame - other.to_frame) <= frames

@@ -17,7 +17,7 @@ import math
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -203,7 +203,6 @@ class Node:
         # the saved playback's instants were on a clock of the past: keep the place, not the
         # schedule (a restarted node pulls the master's state; a restarted cluster is paused)
         self.state = durable.state.at_rest()
-        self._last_log = durable.last_log
         self._last_log_at = durable.last_log_at  # wall clock, kept across restarts
         self._synced = False  # pull the master's state at the first heartbeat
         self.recovering = False
@@ -233,6 +232,7 @@ class Node:
         self.node_info: dict[str, dict[str, Any]] = {}
         self.last_seen: dict[str, float] = {}
         self.peer_seen: dict[str, float] = {}  # any message from a peer, as a follower sees it
+        self._others = [p for p in cfg.peers if p != cfg.id]
         # the bus may still be working through its broker list: give each broker its turn
         self.isolation = IsolationWatch(
             window_s=self.timing.election_timeout_max_s,
@@ -383,11 +383,8 @@ class Node:
     def _persist(self) -> None:
         """Save term, vote and player state before anything that promises them goes out."""
         term, voted_for = self.election.vote_state()
-        if self.election.last_log != self._last_log:
-            self._last_log = self.election.last_log
-            self._last_log_at = round(time.time(), 3)
         self.state_file.save(
-            Durable(term, voted_for, self.state, self._last_log, self._last_log_at)
+            Durable(term, voted_for, self.state, self.election.last_log, self._last_log_at)
         )
 
     def _run_effects(self, effects: list[Effect]) -> None:
@@ -585,7 +582,7 @@ class Node:
         included): stop playing, as the paper prescribes for a partition, and recover when a
         master is heard again. Checked as master too, so that a spell without a master starts
         when a master steps down."""
-        others = [p for p in self.cfg.peers if p != self.cfg.id]
+        others = self._others
         if not self.isolation.cut_off(now, self.election.master, others, self.peer_seen):
             return
         if self.recovering:
@@ -612,25 +609,24 @@ class Node:
         self._lag = 0
         self._sync_asked_at = self.clock.now()
         # the songs held (and how much of those in progress), so the master can push the rest
-        partial = {}
-        for song in set(self.state.playlist):
-            missing = self._missing_chunks(song)
-            if missing is not None:
-                partial[song] = missing
+        partial = self._missing_chunks(set(self.state.playlist))
         self._send(
             "sync_req", index=self.state.index, songs=sorted(self.store.songs()), partial=partial
         )
 
-    def _missing_chunks(self, song: str) -> list[int] | None:
-        """The chunks of ``song`` this node still lacks, if it holds part of it; None if it
-        holds none of it (or all: the song is complete)."""
+    def _missing_chunks(self, songs: Collection[str]) -> dict[str, list[int]]:
+        """For those of ``songs`` this node holds part of, the chunks it still lacks (one
+        look at the transfers in progress for all of them)."""
+        out: dict[str, list[int]] = {}
         for manifest in self.store.partial_songs():
-            if manifest.song == song:
+            if manifest.song in songs:
                 try:
-                    return self.store.assembly(manifest).missing() or None
+                    missing = self.store.assembly(manifest).missing()
                 except (ProtocolError, OSError):
-                    return None
-        return None
+                    continue
+                if missing:
+                    out[manifest.song] = missing
+        return out
 
     def _msg_sync_req(self, now: float, msg: Message) -> None:
         if not self.is_master:
@@ -670,13 +666,13 @@ class Node:
         self._drive_sink(force=True)  # the sink may have been stopped while out of step
         sending = msg.get("sending")
         coming = {s for s in sending if isinstance(s, str)} if isinstance(sending, list) else set()
-        for song in set(new.playlist):
-            if self.store.has(song):
-                continue
+        lacking = {s for s in new.playlist if not self.store.has(s)}
+        partial = self._missing_chunks(lacking - coming)
+        for song in lacking:
             if song in coming:
                 self._song_progress[song] = now  # the master pushes it
             else:
-                self._want(song, self._missing_chunks(song))
+                self._want(song, partial.get(song))
         self._check_songs_recovered()
         self._publish_node_state(force=True)
 
@@ -712,11 +708,13 @@ class Node:
             return
         needed = [s for s in self.state.playlist if not self.store.has(s)]
         retry = self._song_retry_s
-        for song in stalled_songs(now, needed, self._song_progress, retry, SONG_RETRY_S):
+        stalled = stalled_songs(now, needed, self._song_progress, retry, SONG_RETRY_S)
+        partial = self._missing_chunks(stalled) if stalled else {}
+        for song in stalled:
             waited = retry.get(song, SONG_RETRY_S)
             log.info("no progress on %s… for %g s: asking for it", song[:12], waited)
             retry[song] = next_retry_s(waited, SONG_RETRY_S, SONG_RETRY_MAX_S)
-            self._want(song, self._missing_chunks(song))
+            self._want(song, partial.get(song))
 
     def _msg_want(self, now: float, msg: Message) -> None:
         giver = msg.get("from")
@@ -802,7 +800,10 @@ class Node:
         """Take the new state (nothing else yet); returns the old one."""
         old = self.state
         self.state = new
-        self.election.set_last_log((self.election.term, new.index))
+        last_log = (self.election.term, new.index)
+        if last_log != self.election.last_log:
+            self.election.set_last_log(last_log)
+            self._last_log_at = round(time.time(), 3)
         return old
 
     def _state_changed(self, old: PlayerState) -> None:
@@ -1358,8 +1359,8 @@ class Node:
             "songs": sorted(self.store.songs()),
             "index": self.state.index,
             "last_op": {
-                "term": self._last_log[0],
-                "index": self._last_log[1],
+                "term": self.election.last_log[0],
+                "index": self.election.last_log[1],
                 "applied_at": self._last_log_at,
             },
             "playlist_hash": self.state.hash,

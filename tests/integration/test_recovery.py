@@ -3,6 +3,9 @@ others playing, and rejoins the current song in sync when its link comes back.""
 
 from __future__ import annotations
 
+import json
+import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +21,7 @@ from nsync_mqtt.testing import (
     BrokerProcess,
     NodeCluster,
     NodeSpec,
+    RawClient,
     ok,
     ready_cluster,
     tone_file,
@@ -99,11 +103,6 @@ def test_a_speaker_restarted_with_an_empty_data_dir_is_sent_its_songs_and_rejoin
 ) -> None:
     """The restarted speaker tells the master which songs it holds (none); the master sends it
     the playlist's songs unasked, and the speaker plays the current one in sync."""
-    import json
-    import shutil
-    import signal
-
-    from nsync_mqtt.testing import RawClient
 
     cluster, _ = proxied
     states = cluster.wait_ready()
@@ -116,9 +115,7 @@ def test_a_speaker_restarted_with_an_empty_data_dir_is_sent_its_songs_and_rejoin
     ok(client.enqueue_song(queued))
     ok(client.play())
     time.sleep(1.0)
-    proc = cluster.procs.pop(speaker)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    cluster.stop_node(speaker, signal.SIGKILL)
     shutil.rmtree(cluster.workdir / speaker)
     wants = RawClient(
         cluster.broker_url, cluster.cluster, [f"nsync/{cluster.cluster}/internal/want"]
@@ -157,10 +154,6 @@ def test_a_song_whose_sender_died_mid_transfer_is_asked_for_again(
     speaker, now in step with the next master (or the next master itself: its state is as
     recent as the other survivor's), notices that playlist songs it lacks make no progress
     and asks a node that holds them for the chunks it still misses."""
-    import shutil
-    import signal
-
-    from nsync_mqtt.testing import RawClient
 
     cluster, _ = proxied
     states = cluster.wait_ready()
@@ -174,9 +167,7 @@ def test_a_song_whose_sender_died_mid_transfer_is_asked_for_again(
     ok(client.play())
     client.close()
     time.sleep(0.5)
-    proc = cluster.procs.pop(speaker)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    cluster.stop_node(speaker, signal.SIGKILL)
     shutil.rmtree(cluster.workdir / speaker)
     answers = RawClient(
         cluster.broker_url, cluster.cluster, [f"nsync/{cluster.cluster}/internal/to/{speaker}"]
@@ -184,7 +175,7 @@ def test_a_song_whose_sender_died_mid_transfer_is_asked_for_again(
     try:
         cluster.start_node(speaker)
         answers.wait(lambda m: b'"t":"sync"' in m.payload, "the master's sync", timeout_s=15)
-        cluster.procs.pop(master).kill()  # mid-push: most chunks never leave it
+        cluster.stop_node(master, signal.SIGKILL)  # mid-push: most chunks never leave it
     finally:
         answers.close()
     next_song = sha224_file(queued)
