@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from nsync_mqtt.errors import ConfigError, NSyncError
+from nsync_mqtt.guard import Faults
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ LATE_START_MARGIN_NS = 2_000_000
 """A play whose time has passed starts this far in the future, so its first block is committed
 before it starts."""
 SIMPLEAUDIO_LATENCY_S = 0.1
+SINK_ERROR_PAUSE_S = 0.05  # the sink thread waits this long after a failed turn
 """simpleaudio opens ALSA "default" on every play; sound reaches the DAC about this much later."""
 
 FinishedCallback = Callable[[str], None]
@@ -196,6 +198,15 @@ def _is_wav(path: Path) -> bool:
     return False
 
 
+def _gist(err: Exception) -> str:
+    """An error's message without ffmpeg's banner: its first line, and the last line of any
+    output it quotes (where ffmpeg says what was wrong)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if len(lines) <= 2:
+        return " ".join(lines)
+    return f"{lines[0]} ({lines[-1]})"
+
+
 class PcmCache:
     """Decoded songs under ``root``, one ``<song>.pcm`` file each."""
 
@@ -229,7 +240,7 @@ class PcmCache:
             seg = seg.set_frame_rate(RATE).set_channels(CHANNELS).set_sample_width(SAMPLE_WIDTH)
             data = seg.raw_data
         except Exception as err:
-            raise DecodeError(f"cannot decode {src.name}: {err}".strip()) from err
+            raise DecodeError(f"cannot decode {src.name}: {_gist(err)}") from err
         if not data:
             raise DecodeError(f"cannot decode {src.name}: no audio in it")
         final = self._path(song)
@@ -259,6 +270,14 @@ class Sink(ABC):
     rate: int = RATE
     on_finished: FinishedCallback | None = None
     """Called from the sink's own thread once a song's last frame has been played."""
+    faults: Faults = Faults(log)
+    """Where the sink thread counts (and logs) the failures it survives."""
+
+    def _survive(self, err: Exception) -> None:
+        """One turn of the sink thread failed: count it and go on after a pause (a failure that
+        repeats must not spin the thread)."""
+        self.faults.record("sink thread", err)
+        time.sleep(SINK_ERROR_PAUSE_S)
 
     @abstractmethod
     def play(self, song: str, track: PcmTrack | None, frame: int, at_host: float) -> None:
@@ -414,10 +433,14 @@ class VirtualSink(Sink):
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                due = self._step()
-                if due is None:
-                    return
+            try:
+                with self._cond:
+                    due = self._step()
+                    if due is None:
+                        return
+            except Exception as err:
+                self._survive(err)
+                continue
             for song in due:
                 self._notify_finished(song)
 
@@ -596,12 +619,16 @@ class SimpleaudioSink(Sink):
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                if self._closed:
-                    return
-                finished = self._step(time.monotonic())
-                if finished is None:
-                    continue
+            try:
+                with self._cond:
+                    if self._closed:
+                        return
+                    finished = self._step(time.monotonic())
+                    if finished is None:
+                        continue
+            except Exception as err:  # a device error, an unreadable PCM file
+                self._survive(err)
+                continue
             if finished and self.on_finished is not None:
                 try:
                     self.on_finished(finished)

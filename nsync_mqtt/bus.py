@@ -18,7 +18,7 @@
   its retained state.
 - Messages reach only the handler of the filter they match; anything else is dropped (amqtt
   re-sends retained messages matching other clients' subscriptions). A handler that raises is
-  logged and delivery goes on.
+  reported to ``on_handler_error`` (logged, without one) and delivery goes on.
 - Several broker URLs form a failover list: when the current broker has been unreachable for
   ``failover_after_s``, the next one is tried, round robin. While on any but the first, the bus
   checks every ``PREFER_CHECK_S`` whether an earlier broker of the list answers an MQTT CONNECT
@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit
@@ -59,7 +60,19 @@ PREFER_CHECK_S = 2.0  # how often a bus on a later broker looks whether an earli
 TICK_S = 1.0  # keepalive checks; must stay well below the keepalive interval
 CLOSE_TIMEOUT_S = 2.0  # close() waits this long for queued messages and the DISCONNECT
 
+WAIT_LOG_S = (5.0, 10.0, 20.0, 40.0, 60.0)  # a bus waiting for its broker says so then ...
+WAIT_LOG_EVERY_S = 60.0  # ... and every minute after
+
 Handler = Callable[[str, bytes, bool], None]
+
+
+def wait_log_times() -> Iterator[float]:
+    """The times (seconds since the start) at which a bus still waiting for its broker logs it:
+    ``WAIT_LOG_S``, then every ``WAIT_LOG_EVERY_S``, for ever."""
+    yield from WAIT_LOG_S
+    yield from itertools.count(WAIT_LOG_S[-1] + WAIT_LOG_EVERY_S, WAIT_LOG_EVERY_S)
+
+
 _C = TypeVar("_C", bound=mqtt.Client)
 
 
@@ -263,6 +276,7 @@ class Bus:
         will: tuple[str, bytes, bool] | None = None,
         on_connect: Callable[[], None] | None = None,
         on_disconnect: Callable[[], None] | None = None,
+        on_handler_error: Callable[[str, Exception], object] | None = None,
         keepalive_s: int = 5,
         failover_after_s: float = FAILOVER_AFTER_S,
     ) -> None:
@@ -273,6 +287,7 @@ class Bus:
             raise ConfigError("broker: cannot mix mqtt:// and mqtts:// URLs in one failover list")
         self._on_connect_cb = on_connect
         self._on_disconnect_cb = on_disconnect
+        self._on_handler_error = on_handler_error
         self._keepalive_s = keepalive_s
         self._failover_after_s = failover_after_s
 
@@ -322,8 +337,12 @@ class Bus:
         """The broker currently used (or being tried)."""
         return self._urls[self._url_index]
 
-    async def start(self, timeout_s: float = 10.0) -> None:
-        """Connect in the background and wait until connected; BrokerError after timeout_s."""
+    async def start(self, timeout_s: float | None = 10.0) -> None:
+        """Connect in the background and wait until connected; BrokerError after timeout_s.
+
+        With ``timeout_s=None`` it waits as long as it takes (a box that boots before its
+        broker's box, a broker restarting), saying so in the log at growing intervals
+        (``WAIT_LOG_S``); cancel the call to give up."""
         if self._started:
             raise BrokerError("bus already started")
         self._started = True
@@ -331,22 +350,45 @@ class Bus:
         self._loop_thread = threading.get_ident()
         self._down_since = time.monotonic()
         self._task = self._loop.create_task(self._maintain(), name="nsync-bus")
+        if timeout_s is None:
+            await self._wait_ready_forever()
+            return
         try:
             await asyncio.wait_for(self._ready.wait(), timeout_s)
         except TimeoutError:
             await self.close()
-            tried = f" (tried {', '.join(map(str, self._urls))})" if len(self._urls) > 1 else ""
             raise BrokerError(
-                f"could not connect to the MQTT broker within {timeout_s:g} s{tried}: "
+                f"could not connect to the MQTT broker within {timeout_s:g} s{self._tried()}: "
                 f"{self._last_error or f'{self.url} did not answer'}"
             ) from None
+
+    def _tried(self) -> str:
+        return f" (tried {', '.join(map(str, self._urls))})" if len(self._urls) > 1 else ""
+
+    async def _wait_ready_forever(self) -> None:
+        started = time.monotonic()
+        for after_s in wait_log_times():
+            remaining = started + after_s - time.monotonic()
+            try:
+                await asyncio.wait_for(self._ready.wait(), max(0.0, remaining))
+            except TimeoutError:
+                log.warning(
+                    "no MQTT broker after %.0f s%s: %s; still trying",
+                    time.monotonic() - started,
+                    self._tried(),
+                    self._last_error or f"{self.url} did not answer",
+                )
+                continue
+            if time.monotonic() - started >= WAIT_LOG_S[0]:
+                log.info("connected to the MQTT broker after %.0f s", time.monotonic() - started)
+            return
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         """Call handler(topic, payload, retain) in the loop thread for each matching message.
 
         May be called before start(); the subscription then goes out with the first connect.
         """
-        self._client.message_callback_add(topic_filter, self._make_callback(handler))
+        self._client.message_callback_add(topic_filter, self._make_callback(topic_filter, handler))
         self._subs[topic_filter] = qos
         if self._connected:
             self._client.subscribe(topic_filter, qos)
@@ -543,7 +585,7 @@ class Bus:
             client.loop_write()  # replies and acks the handlers queued, without another wait
 
     def _make_callback(
-        self, handler: Handler
+        self, topic_filter: str, handler: Handler
     ) -> Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]:
         # paho decodes payloads with struct.unpack, so they are always bytes at run time.
         def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
@@ -552,8 +594,11 @@ class Bus:
             self.received_at = time.monotonic()
             try:
                 handler(msg.topic, cast(bytes, msg.payload), msg.retain)
-            except Exception:
-                log.exception("handler for %s failed", msg.topic)
+            except Exception as err:
+                if self._on_handler_error is None:
+                    log.exception("handler for %s failed", msg.topic)
+                else:
+                    self._on_handler_error(f"handler for {topic_filter}", err)
 
         return on_message
 

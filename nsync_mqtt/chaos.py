@@ -253,14 +253,19 @@ def enqueue_problems(replies: Sequence[Reply], playlists: Mapping[str, Sequence[
 
 
 def disagreement(states: Mapping[str, Mapping[str, Any]]) -> str | None:
-    """None if every node reports the same playlist hash and operation index."""
-    seen = {(s.get("playlist_hash"), s.get("index")) for s in states.values()}
+    """None if every node reports the same playlist hash and last operation (term, index)."""
+    seen = {(s.get("playlist_hash"), s.get("index"), _last_term(s)) for s in states.values()}
     if len(seen) <= 1:
         return None
     return "; ".join(
-        f"{n}: {str(s.get('playlist_hash'))[:8]}@{s.get('index')}"
+        f"{n}: {str(s.get('playlist_hash'))[:8]}@({_last_term(s)},{s.get('index')})"
         for n, s in sorted(states.items())
     )
+
+
+def _last_term(state: Mapping[str, Any]) -> Any:
+    last = state.get("last_op")
+    return last.get("term") if isinstance(last, Mapping) else None
 
 
 def _end_ns(b: sinklog.Block) -> int:

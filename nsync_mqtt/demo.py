@@ -409,11 +409,28 @@ def _tails_of_logs(nodes: Sequence[NodeProc]) -> str:
     return "\n".join(parts)
 
 
+class NodeDied(Exception):
+    """A node of the demo exited: the demo stops and says which, and why."""
+
+    def __init__(self, nodes: Sequence[NodeProc]) -> None:
+        codes = ", ".join(
+            f"{n.id} (exit {n.proc.returncode if n.proc is not None else '?'})" for n in nodes
+        )
+        super().__init__(f"node {codes} died; its log ends:\n{_tails_of_logs(nodes)}")
+
+
+def _check_nodes(nodes: Sequence[NodeProc]) -> None:
+    """Raise NodeDied if any node has exited: a demo that runs on with fewer nodes than it
+    started would report a success it did not have."""
+    dead = [n for n in nodes if n.proc is not None and n.proc.poll() is not None]
+    if dead:
+        raise NodeDied(dead)
+
+
 def _wait_for_master(client: NSyncClient, nodes: Sequence[NodeProc], stats: Stats) -> bool:
     deadline = time.monotonic() + MASTER_TIMEOUT_S
     while time.monotonic() < deadline:
-        if sum(n.alive() for n in nodes) <= len(nodes) // 2:
-            return False
+        _check_nodes(nodes)
         reply = client.request("status", timeout=1.0)
         if reply.get("success"):
             stats.record(reply)
@@ -457,7 +474,8 @@ def _no_interrupts() -> Iterator[None]:
 
 
 def run_demo(speakers: int, seconds: float | None, audio: bool) -> int:
-    """Run the demo; 0 on success, 1 if the cluster never came up, 2 on bad arguments."""
+    """Run the demo; 0 on success, 1 if the cluster never came up or a node died, 2 on bad
+    arguments."""
     if speakers < 1 or speakers % 2 == 0:
         print(f"nsync demo: --speakers must be odd (1, 3, 5, ...), got {speakers}", file=sys.stderr)
         return 2
@@ -472,6 +490,9 @@ def run_demo(speakers: int, seconds: float | None, audio: bool) -> int:
         with _sigterm_raises():
             try:
                 code = _run(tmp, nodes, stats, speakers, seconds, audio)
+            except NodeDied as err:
+                _say(f"nsync demo: {err}")
+                code = 1
             except KeyboardInterrupt:
                 code = 0
             except _Terminated:
@@ -488,6 +509,7 @@ def run_demo(speakers: int, seconds: float | None, audio: bool) -> int:
     _say(
         f"summary: max skew seen {worst} over {stats.skew_samples} measurements; "
         f"commands sent: {sent or 'none'} ({failed} failed)"
+        + ("" if code in (0, 143) else "; the demo FAILED (see above)")
     )
     return code
 
@@ -520,6 +542,7 @@ def _run(
         time.sleep(0.05)
     for n in nodes[1:]:
         start_node(n, ids, url, tmp / n.id, sink, None)
+    _check_nodes(nodes)
 
     view = ClusterView(url)
     view.start()
@@ -532,6 +555,7 @@ def _run(
                 return 1
             _say(f"master elected after {time.monotonic() - t0:.1f} s")
             for title, path in _make_tracks(tmp / "tracks"):
+                _check_nodes(nodes)
                 t1 = time.monotonic()
                 loaded = stats.record(client.load_song(path))
                 if not loaded.get("success"):
@@ -560,7 +584,7 @@ def _live(
     seconds: float | None,
     audio: bool,
 ) -> int:
-    """Show the table until ``seconds`` have passed (or forever); 1 if every node died."""
+    """Show the table until ``seconds`` have passed (or forever); NodeDied if a node dies."""
     tty = sys.stdout.isatty()
     tails = {n.id: LogTail(n.sink_log) for n in nodes}
     start = time.monotonic()
@@ -587,9 +611,7 @@ def _live(
             lines = []
         if seconds is not None and elapsed >= seconds:
             break
-        if not any(n.alive() for n in nodes):
-            _say("every node has exited; node logs:\n" + _tails_of_logs(nodes))
-            return 1
+        _check_nodes(nodes)
         time.sleep(REFRESH_S)
     if not tty and lines:
         _say("\n".join(lines[2:]))

@@ -12,7 +12,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from nsync_mqtt.errors import ProtocolError
 
@@ -21,6 +21,11 @@ ID_RE = re.compile(r"[a-z0-9_-]{1,64}")
 HASH_RE = re.compile(r"[0-9a-f]{56}")
 CHUNK_MAGIC = b"NSC1"
 _U32 = struct.Struct(">I")
+
+
+def is_int(value: object) -> TypeGuard[int]:
+    """An integer, and not a boolean (JSON ``true`` decodes to a Python int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_id(value: object, what: str = "id") -> str:
@@ -92,7 +97,7 @@ def encode(type_: str, src: str, term: int, **body: Any) -> bytes:
 def decode(payload: bytes) -> Message:
     try:
         obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise ProtocolError(f"not JSON: {err}") from err
     if not isinstance(obj, dict):
         raise ProtocolError("envelope must be a JSON object")
@@ -103,7 +108,7 @@ def decode(payload: bytes) -> Message:
         raise ProtocolError("envelope field 't' must be a string")
     src = check_id(obj.pop("src", None), "envelope field 'src'")
     term = obj.pop("term", None)
-    if not isinstance(term, int) or isinstance(term, bool) or term < 0:
+    if not is_int(term) or term < 0:
         raise ProtocolError("envelope field 'term' must be a non-negative integer")
     obj.pop("v")
     return Message(type_, src, term, obj)
@@ -122,7 +127,7 @@ def decode_chunk(payload: bytes) -> tuple[dict[str, Any], memoryview]:
         raise ProtocolError("chunk header length exceeds frame")
     try:
         header = json.loads(payload[8 : 8 + n])
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise ProtocolError(f"chunk header is not JSON: {err}") from err
     if not isinstance(header, dict):
         raise ProtocolError("chunk header must be a JSON object")

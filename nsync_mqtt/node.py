@@ -17,21 +17,21 @@ import math
 import random
 import signal
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
-from nsync_mqtt import audio
+from nsync_mqtt import audio, wire
 from nsync_mqtt.broker_embed import EmbeddedBroker
-from nsync_mqtt.bus import Bus
+from nsync_mqtt.bus import Bus, parse_broker_url
 from nsync_mqtt.clock import SimClock
 from nsync_mqtt.config import NodeConfig, parse_host_port
 from nsync_mqtt.errors import CommandError, NSyncError, ProtocolError
+from nsync_mqtt.guard import Faults, LoopWatchdog, forever
 from nsync_mqtt.messages import (
     Message,
     Topics,
-    check_hash,
     decode,
     decode_chunk,
     encode,
@@ -44,9 +44,13 @@ from nsync_mqtt.playlist import (
     Context,
     Mismatch,
     PlayerState,
+    StaleOp,
+    Unchanged,
     apply_command,
     apply_op,
     next_song,
+    start_term,
+    takes_sync,
 )
 from nsync_mqtt.replication import (
     Manifest,
@@ -55,7 +59,6 @@ from nsync_mqtt.replication import (
     choose_source,
     chunk_header,
     next_retry_s,
-    parse_held,
     read_chunk,
     songs_to_push,
     stalled_songs,
@@ -74,6 +77,7 @@ from nsync_mqtt.vote import (
     Role,
     SendHeartbeat,
 )
+from nsync_mqtt.wire import PeerState, parse_body
 
 log = logging.getLogger("nsync.node")
 
@@ -129,13 +133,16 @@ class Request:
     params: dict[str, Any]
     reply_to: str | None
     client_req_id: Any
+    note: str = "ok"  # the message of its success reply
 
 
 @dataclass
 class PendingAck:
-    request: Request | None
+    """An index of the master's term waiting for f+1 nodes to hold it, and the clients whose
+    replies wait for it."""
+
     deadline: float
-    acks: set[str] = field(default_factory=set)
+    requests: list[Request] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
 
 
@@ -149,7 +156,7 @@ def parse_command(verb: str, payload: bytes) -> Request:
     if text.startswith("{"):
         try:
             obj = json.loads(text)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:
             raise ProtocolError(f"malformed JSON: {err}") from err
         if not isinstance(obj, dict):
             raise ProtocolError("a JSON command must be an object")
@@ -197,7 +204,7 @@ class Node:
             self.clock.now(),
             term=durable.term,
             voted_for=durable.voted_for,
-            last_log=durable.last_log,
+            last_log=durable.state.last,
         )
         self.est = ClockEstimator(calibration_samples=self.timing.calibration_pings)
         # the saved playback's instants were on a clock of the past: keep the place, not the
@@ -207,13 +214,16 @@ class Node:
         self._synced = False  # pull the master's state at the first heartbeat
         self.recovering = False
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.faults = Faults(log)
         self.bus = Bus(
             list(cfg.broker),
             client_id=f"nsync-{cfg.cluster}-{cfg.id}",
             will=(self.topics.node_status(cfg.id), b"offline", True),
             on_connect=self._on_connect,
+            on_handler_error=self.faults.record,
         )
         self.broker: EmbeddedBroker | None = None
+        self.watchdog = LoopWatchdog()
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nsync-decode")
         self._decoding: set[str] = set()
         self._wake = asyncio.Event()
@@ -227,9 +237,12 @@ class Node:
         self._transfer_wake = asyncio.Event()
         self._scheduled: tuple[Any, ...] | None = None
         # master duties
-        self.pending: dict[tuple[int, int], PendingAck] = {}
+        self.pending: dict[int, PendingAck] = {}  # index (of this term) -> who waits for it
+        self.match: dict[str, int] = {}  # node -> highest index of this term it holds
+        self.commit_index = 0  # highest index of this term held by f+1 nodes
+        self._own_durable = 0  # highest index on this master's own disk
         self.holders: dict[str, set[str]] = {}
-        self.node_info: dict[str, dict[str, Any]] = {}
+        self.node_info: dict[str, PeerState] = {}
         self.last_seen: dict[str, float] = {}
         self.peer_seen: dict[str, float] = {}  # any message from a peer, as a follower sees it
         self._others = [p for p in cfg.peers if p != cfg.id]
@@ -262,7 +275,10 @@ class Node:
 
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.loop.set_exception_handler(self._loop_exception)
+        self.watchdog.start()
         self.sink.on_finished = self._finished_from_sink
+        self.sink.faults = self.faults
         if self.cfg.embed_broker:
             host, port = parse_host_port("embed_broker", self.cfg.embed_broker)
             self.broker = EmbeddedBroker(host, port, self.cfg.embed_broker_password_file)
@@ -288,21 +304,44 @@ class Node:
         ]
         for topic, handler in subs:
             self.bus.subscribe(topic, handler)
-        await self.bus.start()
         for song in self.store.songs():
             self._decode_in_background(song)
+        shown = " or ".join(str(parse_broker_url(u)) for u in self.cfg.broker)  # no passwords
+        log.info("node %s connecting to %s", self.cfg.id, shown)
+        if not await self._connect_unless_stopped():
+            await self._shutdown()
+            return
+        steps = {
+            "election": self._election_step,
+            "ping": self._ping_step,
+            "housekeeping": self._housekeeping_step,
+        }
         self._tasks = [
-            asyncio.create_task(self._election_loop(), name="election"),
-            asyncio.create_task(self._ping_loop(), name="ping"),
-            asyncio.create_task(self._housekeeping_loop(), name="housekeeping"),
-            asyncio.create_task(self._transfer_loop(), name="transfer"),
+            asyncio.create_task(forever(self.faults, f"{name} loop", step), name=name)
+            for name, step in steps.items()
         ]
+        self._tasks.append(asyncio.create_task(self._transfer_loop(), name="transfer"))
         log.info("node %s up (peers %s)", self.cfg.id, ",".join(self.cfg.peers))
         await self._stop.wait()
         await self._shutdown()
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    async def _connect_unless_stopped(self) -> bool:
+        """Wait for the broker as long as it takes (the bus logs the wait at growing
+        intervals); False if the node is told to stop first."""
+        connect = asyncio.create_task(self.bus.start(timeout_s=None), name="connect")
+        stopping = asyncio.create_task(self._stop.wait(), name="stop")
+        await asyncio.wait({connect, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if connect.done():
+            stopping.cancel()
+            connect.result()
+            return True
+        connect.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await connect
+        return False
 
     async def _shutdown(self) -> None:
         for task in self._tasks:
@@ -319,7 +358,16 @@ class Node:
         self.store.close()
         if self.broker is not None:
             await self.broker.stop()
+        self.watchdog.stop()
         log.info("node %s stopped", self.cfg.id)
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """A callback or task of the loop failed: count it like the loops' own failures."""
+        err = context.get("exception")
+        if not isinstance(err, Exception):
+            loop.default_exception_handler(context)
+            return
+        self.faults.record(str(context.get("message", "event loop callback"))[:80], err)
 
     def _on_connect(self) -> None:
         """(Re)connected: republish what is retained (a broker restart loses it)."""
@@ -334,32 +382,33 @@ class Node:
 
     # ------------------------------------------------------------------ loops
 
-    async def _election_loop(self) -> None:
-        while True:
-            self._run_effects(self.election.tick(self.clock.now()))
-            delay = max(0.0, self.election.deadline() - self.clock.now())
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await wait_event(self._wake, min(delay, 1.0))
+    # Each loop is one step run forever by guard.forever: an exception in a step is counted
+    # and logged (once per kind, then at 10, 100, ...) and the loop goes on.
 
-    async def _ping_loop(self) -> None:
-        while True:
-            # a burst of quick pings after a (new) master: a good estimate within a second
-            burst = self.est.sample_count < PING_BURST_SAMPLES
-            await asyncio.sleep(PING_BURST_INTERVAL_S if burst else self.timing.ping_interval_s)
-            master = self.election.master
-            if master and master != self.cfg.id:
-                self._send("ping", t1=self.clock.now())
+    async def _election_step(self) -> None:
+        now = self.clock.now()
+        self._run_effects(self.election.tick(now))
+        delay = max(0.0, self.election.deadline() - now)
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await wait_event(self._wake, min(delay, 1.0))
 
-    async def _housekeeping_loop(self) -> None:
-        while True:
-            await asyncio.sleep(0.1)
-            now = self.clock.now()
-            self._publish_node_state()
-            if self.is_master:
-                self._expire_acks(now)
-            self._check_isolation(now)
-            self._retry_stalled_songs(now)
+    async def _ping_step(self) -> None:
+        # a burst of quick pings after a (new) master: a good estimate within a second
+        burst = self.est.sample_count < PING_BURST_SAMPLES
+        await asyncio.sleep(PING_BURST_INTERVAL_S if burst else self.timing.ping_interval_s)
+        master = self.election.master
+        if master and master != self.cfg.id:
+            self._send("ping", t1=self.clock.now())
+
+    async def _housekeeping_step(self) -> None:
+        await asyncio.sleep(0.1)
+        now = self.clock.now()
+        self._publish_node_state()
+        if self.is_master:
+            self._expire_acks(now)
+        self._check_isolation(now)
+        self._retry_stalled_songs(now)
 
     # ------------------------------------------------------------------ effects
 
@@ -384,7 +433,7 @@ class Node:
         """Save term, vote and player state before anything that promises them goes out."""
         term, voted_for = self.election.vote_state()
         self.state_file.save(
-            Durable(term, voted_for, self.state, self.election.last_log, self._last_log_at)
+            Durable(term, voted_for, self.state, self.state.last, self._last_log_at)
         )
 
     def _run_effects(self, effects: list[Effect]) -> None:
@@ -395,6 +444,7 @@ class Node:
                 self._send(
                     "hb",
                     index=self.state.index,
+                    log_term=self.state.term,
                     plist=self.state.hash,
                     lead=self._lead(),
                 )
@@ -425,13 +475,20 @@ class Node:
 
             self.state = replace(self.state, playback=replace(pb, at=self.est.to_local(pb.at)))
         self.est.reset()
-        self.pending.clear()
+        self._fail_pending("a new master took over before f+1 nodes acknowledged")
+        self.match.clear()
+        self.commit_index = 0
+        self._own_durable = self.state.index
         self.finished.clear()
         self.recovering = False
         self._published.clear()
         now = self.clock.now()
         for node in self.cfg.peers:
             self.last_seen.setdefault(node, now)
+        # the term's first operation: once f+1 nodes hold it, what this master holds of older
+        # terms is committed, and what it lacks is discarded everywhere
+        new, op = start_term(self.state, self.election.term)
+        self._commit(new, op, None)
         self.bus.publish(self.topics.status, b"online", retain=True)
         self._publish_state()
         self._publish_library()
@@ -439,11 +496,15 @@ class Node:
 
     def _become_follower(self, master: str | None) -> None:
         if master is None and self._was_master:
-            log.warning("node %s steps down: no quorum heard from", self.cfg.id)
+            log.warning("node %s is master no more (term %d)", self.cfg.id, self.election.term)
             self.bus.publish(self.topics.status, b"offline", retain=True)
+        if self._was_master:
+            self._fail_pending(
+                "the master stepped down before f+1 nodes acknowledged; the command may or may "
+                "not take effect: check the state"
+            )
         self._was_master = False
         log.info("node %s follows %s in term %d", self.cfg.id, master, self.election.term)
-        self.pending.clear()
         if master != self._est_master:
             self.est.reset()
             self._est_master = master
@@ -457,28 +518,29 @@ class Node:
     def _on_internal(self, topic: str, payload: bytes, retain: bool) -> None:
         if retain:
             return
+        # everything is checked before anything is acted on: a message that fails changes
+        # nothing, not even the term
         try:
             msg = decode(payload)
+            if msg.src == self.cfg.id:
+                return
+            if msg.src not in self.cfg.peers:
+                raise ProtocolError(f"from {msg.src!r}, which is not a peer of this cluster")
+            body = parse_body(msg)
         except ProtocolError as err:
-            log.warning("dropped a bad message on %s: %s", topic, err)
-            return
-        if msg.src == self.cfg.id:
+            self.faults.record("bad internal message", err)
             return
         now = self.clock.now()
         self.election.on_peer_alive(now, msg.src)  # any message: that peer is up
         self.peer_seen[msg.src] = now
+        if msg.term > self.election.term:
+            self._run_effects(self.election.observe_term(now, msg.term))
         try:
-            if msg.term > self.election.term:
-                self._run_effects(self.election.observe_term(now, msg.term))
-            handler = getattr(self, f"_msg_{msg.type}", None)
-            if handler is None:
-                log.debug("ignored message type %s", msg.type)
-                return
-            handler(now, msg)
-        except (ProtocolError, KeyError, TypeError, ValueError) as err:
-            log.warning("bad %s message from %s: %s", msg.type, msg.src, err)
+            getattr(self, f"_msg_{msg.type}")(now, msg, body)
+        except ProtocolError as err:
+            self.faults.record(f"bad {msg.type} message", err)
 
-    def _msg_hb(self, now: float, msg: Message) -> None:
+    def _msg_hb(self, now: float, msg: Message, hb: wire.Heartbeat) -> None:
         self._run_effects(self.election.on_heartbeat(now, msg.src, msg.term))
         if self.election.master != msg.src or self.is_master:
             return
@@ -491,91 +553,130 @@ class Node:
             if now - self._sync_asked_at >= SYNC_RETRY_S:
                 why = "waiting for the master's state" if self._synced else "just started"
                 self._request_sync(why)
-        elif msg.get("index") != self.state.index or msg.get("plist") != self.state.hash:
+        elif (hb.log_term, hb.index, hb.plist) != (*self.state.last, self.state.hash):
             self._lag += 1
             if self._lag >= 3:
                 self._request_sync("behind the master's heartbeat")
         else:
             self._lag = 0
 
-    def _msg_vote_req(self, now: float, msg: Message) -> None:
-        last = msg.get("last_log")
-        last_log = (int(last[0]), int(last[1]))
-        self._run_effects(self.election.on_vote_request(now, msg.src, msg.term, last_log))
+    def _msg_vote_req(self, now: float, msg: Message, req: wire.VoteRequest) -> None:
+        self._run_effects(self.election.on_vote_request(now, msg.src, msg.term, req.last_log))
 
-    def _msg_prevote_req(self, now: float, msg: Message) -> None:
-        last = msg.get("last_log")
-        last_log = (int(last[0]), int(last[1]))
-        term = int(msg.get("next_term"))
-        self._run_effects(self.election.on_prevote_request(now, msg.src, term, last_log))
+    def _msg_prevote_req(self, now: float, msg: Message, req: wire.PreVoteRequest) -> None:
+        self._run_effects(
+            self.election.on_prevote_request(now, msg.src, req.next_term, req.last_log)
+        )
 
-    def _msg_prevote(self, now: float, msg: Message) -> None:
-        term, granted = int(msg.get("pre_term")), bool(msg.get("granted"))
-        self._run_effects(self.election.on_prevote(now, msg.src, term, granted))
+    def _msg_prevote(self, now: float, msg: Message, pv: wire.PreVote) -> None:
+        self._run_effects(self.election.on_prevote(now, msg.src, pv.pre_term, pv.granted))
 
-    def _msg_vote(self, now: float, msg: Message) -> None:
-        self._run_effects(self.election.on_vote(now, msg.src, msg.term, bool(msg.get("granted"))))
+    def _msg_vote(self, now: float, msg: Message, vote: wire.Vote) -> None:
+        self._run_effects(self.election.on_vote(now, msg.src, msg.term, vote.granted))
 
-    def _msg_ping(self, now: float, msg: Message) -> None:
+    def _msg_ping(self, now: float, msg: Message, ping: wire.Ping) -> None:
         if not self.is_master:
             return
         self.last_seen[msg.src] = now
         t2 = self.clock.from_host(self.bus.received_at)
-        self._send_to(msg.src, "pong", t1=msg.get("t1"), t2=t2, t3=self.clock.now())
+        self._send_to(msg.src, "pong", t1=ping.t1, t2=t2, t3=self.clock.now())
 
-    def _msg_pong(self, now: float, msg: Message) -> None:
+    def _msg_pong(self, now: float, msg: Message, pong: wire.Pong) -> None:
         if msg.src != self.election.master or msg.term != self.election.term:
             return
         was = self.est.calibrated
         t4 = self.clock.from_host(self.bus.received_at)
-        self.est.add(float(msg.get("t1")), float(msg.get("t2")), float(msg.get("t3")), t4)
+        self.est.add(pong.t1, pong.t2, pong.t3, t4)
         if not was and self.est.calibrated:
             log.info("clock calibrated against %s: %s", msg.src, self.est.stats())
             if self._sink_pending:
                 self._drive_sink(force=True)
 
-    def _msg_op(self, now: float, msg: Message) -> None:
+    def _msg_op(self, now: float, msg: Message, body: wire.Op) -> None:
         if msg.term < self.election.term or self.is_master:
             return
         if self.election.master != msg.src:
             self._run_effects(self.election.on_heartbeat(now, msg.src, msg.term))
-        op = msg.get("op")
-        if not isinstance(op, dict):
-            raise ProtocolError("op must be an object")
-        index = op.get("index")
+        op, index = body.op, body.op.index
         if self.recovering:
-            self._ack(msg, index, False, "recovering: pulling the master's state")
+            self._nack(msg.src, index, "recovering: pulling the master's state")
             return
         try:
             new = apply_op(self.state, op)
+        except StaleOp as err:
+            log.debug("ignored %s", err)
+            return
         except Mismatch as err:
-            self._ack(msg, index, False, str(err))
+            self._nack(msg.src, index, str(err))
             self._request_sync(str(err))
+            return
+        if new is self.state:  # held already (a re-delivery): say again what this node holds
+            self._ack(msg.src)
             return
         old = self._assign_state(new)
         self._persist()
-        self._ack(msg, index, True, "")  # the promise is the durable state: the sink comes after
+        self._ack(msg.src)  # the promise is the durable state: the sink comes after
         self._soon(lambda: self._state_changed(old))  # after the bus has sent the ack
 
-    def _ack(self, msg: Message, index: Any, ok: bool, why: str) -> None:
-        self._send("ack", index=index, ok=ok, msg=why, to=msg.src)
+    def _ack(self, master: str) -> None:
+        """Tell ``master`` the last operation this node holds (on disk): it holds every one
+        before it too."""
+        last_term, index = self.state.last
+        self._send("ack", index=index, log_term=last_term, ok=True, msg="", to=master)
 
-    def _msg_ack(self, now: float, msg: Message) -> None:
+    def _nack(self, master: str, index: Any, why: str) -> None:
+        self._send("ack", index=index, ok=False, msg=why, to=master)
+
+    def _msg_ack(self, now: float, msg: Message, ack: wire.Ack) -> None:
         if not self.is_master or msg.term != self.election.term:
             return
+        if ack.to not in (None, self.cfg.id):
+            return
         self.last_seen[msg.src] = now
-        key = (msg.term, msg.get("index"))
-        pending = self.pending.get(key)
+        if not ack.ok:
+            for pending in self.pending.values():
+                pending.failures[msg.src] = ack.msg
+            return
+        index = ack.index
+        if ack.log_term != self.election.term or index is None:
+            return  # holds operations of this term only up to an older one: counts for nothing
+        if index > self.match.get(msg.src, 0):
+            self.match[msg.src] = min(index, self.state.index)
+            self._advance_commit()
+
+    def _held_by(self, index: int) -> int:
+        """How many nodes hold ``index`` of this term on disk, this master included."""
+        own = 1 if index <= self._own_durable else 0
+        return own + sum(1 for m in self.match.values() if m >= index)
+
+    def _advance_commit(self) -> None:
+        """Answer the clients whose operations f+1 nodes now hold (in index order)."""
+        for index in sorted(self.pending):
+            if self._held_by(index) < self.majority:
+                break
+            pending = self.pending.pop(index)
+            self.commit_index = max(self.commit_index, index)
+            for req in pending.requests:
+                self._reply_ok(req, req.note)
+
+    def _wait_commit(self, req: Request, note: str) -> None:
+        """Answer ``req`` with success once f+1 nodes hold what this master holds now (at
+        once if they already do)."""
+        req.note = note
+        index = self.state.index
+        if index <= self.commit_index or self._held_by(index) >= self.majority:
+            self._reply_ok(req, note)
+            return
+        pending = self.pending.get(index)
         if pending is None:
-            return  # an older epoch, or already answered
-        if msg.get("ok"):
-            pending.acks.add(msg.src)
-        else:
-            pending.failures[msg.src] = str(msg.get("msg"))
-        if len(pending.acks) + 1 >= self.majority:
-            del self.pending[key]
-            if pending.request is not None:
-                self._reply_ok(pending.request, "ok")
+            pending = self.pending[index] = PendingAck(self.clock.now() + self.timing.ack_timeout_s)
+        pending.requests.append(req)
+
+    def _fail_pending(self, why: str) -> None:
+        pending, self.pending = self.pending, {}
+        for p in pending.values():
+            for req in p.requests:
+                self._reply(req, False, why)
 
     def _check_isolation(self, now: float) -> None:
         """No master, and no election can succeed (fewer than f+1 nodes reachable, this one
@@ -628,7 +729,7 @@ class Node:
                     out[manifest.song] = missing
         return out
 
-    def _msg_sync_req(self, now: float, msg: Message) -> None:
+    def _msg_sync_req(self, now: float, msg: Message, req: wire.SyncRequest) -> None:
         if not self.is_master:
             return
         manifests = {}
@@ -637,23 +738,24 @@ class Node:
                 manifests[song] = Manifest(
                     song, self.store.size_of(song), self.cfg.chunk_size_kib * 1024
                 ).to_dict()
-        try:
-            held, partial = parse_held(msg.get("songs"), msg.get("partial"))
-        except ProtocolError as err:
-            log.warning("sync_req from %s without a usable song list: %s", msg.src, err)
-            push = {}
-        else:
-            push = songs_to_push(self.state.playlist, manifests, held, partial)
+        push = songs_to_push(self.state.playlist, manifests, req.songs, req.partial)
         self._send_to(
             msg.src, "sync", state=self.state.to_dict(), manifests=manifests, sending=sorted(push)
         )
         for song, indices in push.items():
             self._send_chunks(song, indices, msg.src)  # in the background, after the state
 
-    def _msg_sync(self, now: float, msg: Message) -> None:
+    def _msg_sync(self, now: float, msg: Message, sync: wire.Sync) -> None:
         if msg.src != self.election.master or msg.term < self.election.term:
             return
-        new = PlayerState.from_dict(msg.get("state"))
+        if self._synced and not self.recovering:
+            return  # an answer to a request already answered
+        new = sync.state
+        if not takes_sync(self.state.last, new.last):
+            log.info(
+                "ignored a stale state from %s: %s, holding %s", msg.src, new.last, self.state.last
+            )
+            return
         if self._recovery_started is not None:
             self.recovery = {"why_at": round(self._recovery_started, 3)}
             self.recovery["state_ms"] = round((now - self._recovery_started) * 1e3, 2)
@@ -663,9 +765,9 @@ class Node:
         self._lag = 0
         self._set_state(new)
         self._persist()
+        self._ack(msg.src)  # holds the master's operations up to its last: they count
         self._drive_sink(force=True)  # the sink may have been stopped while out of step
-        sending = msg.get("sending")
-        coming = {s for s in sending if isinstance(s, str)} if isinstance(sending, list) else set()
+        coming = sync.sending
         lacking = {s for s in new.playlist if not self.store.has(s)}
         partial = self._missing_chunks(lacking - coming)
         for song in lacking:
@@ -716,17 +818,14 @@ class Node:
             retry[song] = next_retry_s(waited, SONG_RETRY_S, SONG_RETRY_MAX_S)
             self._want(song, partial.get(song))
 
-    def _msg_want(self, now: float, msg: Message) -> None:
-        giver = msg.get("from")
-        if giver != self.cfg.id and not (giver is None and self.is_master):
+    def _msg_want(self, now: float, msg: Message, want: wire.Want) -> None:
+        if want.giver != self.cfg.id and not (want.giver is None and self.is_master):
             return  # asked of another node
-        song = check_hash(msg.get("song"))
-        if not self.store.has(song):
+        if not self.store.has(want.song):
             return
-        missing = msg.get("missing")
-        self._send_chunks(song, missing, msg.src)
+        self._send_chunks(want.song, want.missing, msg.src)
 
-    def _send_chunks(self, song: str, indices: list[int] | None, node: str) -> None:
+    def _send_chunks(self, song: str, indices: Iterable[int] | None, node: str) -> None:
         """Owe ``node`` these chunks of ``song`` (all with None); the transfer loop sends
         them in the background."""
         manifest = Manifest(song, self.store.size_of(song), self.cfg.chunk_size_kib * 1024)
@@ -747,6 +846,21 @@ class Node:
             finally:
                 window.release()
 
+        def next_chunk(item: tuple[str, str, int]) -> tuple[str, bytes] | None:
+            """(topic, frame) of an owed chunk, or None if it is no longer to be sent."""
+            node, song, index = item
+            if not self.store.has(song):
+                self.transfers.drop(song)
+                return None
+            if self.clock.now() - self.peer_seen.get(node, -math.inf) > NODE_ALIVE_S:
+                log.info("%s went quiet: dropping the chunks owed to it", node)
+                self.transfers.drop_node(node)
+                return None
+            manifest = Manifest(song, self.store.size_of(song), self.cfg.chunk_size_kib * 1024)
+            data = read_chunk(self.store.path(song), manifest, index)
+            frame = encode_chunk(chunk_header(manifest, index), data)
+            return self.topics.internal(f"chunk/{node}"), frame
+
         try:
             while True:
                 item = self.transfers.pop()
@@ -754,42 +868,32 @@ class Node:
                     self._transfer_wake.clear()
                     await self._transfer_wake.wait()
                     continue
-                node, song, index = item
-                if not self.store.has(song):
-                    self.transfers.drop(song)
-                    continue
-                if self.clock.now() - self.peer_seen.get(node, -math.inf) > NODE_ALIVE_S:
-                    log.info("%s went quiet: dropping the chunks owed to it", node)
-                    self.transfers.drop_node(node)
-                    continue
-                topic = self.topics.internal(f"chunk/{node}")
-                manifest = Manifest(song, self.store.size_of(song), self.cfg.chunk_size_kib * 1024)
                 try:
-                    data = read_chunk(self.store.path(song), manifest, index)
-                except OSError as err:
-                    log.warning("cannot read chunk %d of %s…: %s", index, song[:12], err)
+                    chunk = next_chunk(item)
+                except Exception as err:  # a song removed meanwhile, a read error: skip it
+                    self.faults.record("transfer loop", err)
+                    continue
+                if chunk is None:
                     continue
                 await window.acquire()
-                task = asyncio.create_task(
-                    send(topic, encode_chunk(chunk_header(manifest, index), data))
-                )
+                task = asyncio.create_task(send(*chunk))
                 sending.add(task)
                 task.add_done_callback(sending.discard)
         finally:
             for task in sending:
                 task.cancel()
 
-    def _msg_offer(self, now: float, msg: Message) -> None:
-        manifest = Manifest.from_dict(msg.get("manifest"))
+    def _msg_offer(self, now: float, msg: Message, offer: wire.Offer) -> None:
+        manifest = offer.manifest
         if self.store.has(manifest.song):
             self._publish_node_state(force=True)
             return
         asm = self.store.assembly(manifest)
         self._want(manifest.song, asm.missing())
 
-    def _msg_finished(self, now: float, msg: Message) -> None:
+    def _msg_finished(self, now: float, msg: Message, fin: wire.Finished) -> None:
         if self.is_master:
-            self._count_finished(msg.src, int(msg.get("slot")), check_hash(msg.get("song")))
+            self._count_finished(msg.src, fin.slot, fin.song)
 
     # ------------------------------------------------------------------ state and the sink
 
@@ -800,7 +904,7 @@ class Node:
         """Take the new state (nothing else yet); returns the old one."""
         old = self.state
         self.state = new
-        last_log = (self.election.term, new.index)
+        last_log = new.last
         if last_log != self.election.last_log:
             self.election.set_last_log(last_log)
             self._last_log_at = round(time.time(), 3)
@@ -899,12 +1003,12 @@ class Node:
         try:
             header, data = decode_chunk(payload)
         except ProtocolError as err:
-            log.warning("dropped a chunk: %s", err)
+            self.faults.record("dropped chunk", err)
             return
         try:
             song, complete = self.store.add_chunk(header, data, self.clock.now())
         except (ProtocolError, OSError) as err:
-            log.warning("dropped a chunk: %s", err)
+            self.faults.record("dropped chunk", err)
             claimed = header.get("song")
             if isinstance(claimed, str) and claimed in self.song_events:
                 self.load_errors[claimed] = str(err)  # a load waits for it: tell the client
@@ -980,6 +1084,8 @@ class Node:
 
         def done(f: asyncio.Future[tuple[dict[str, Any], str | None]]) -> None:
             self._decoding.discard(song)
+            if f.cancelled():  # the node is stopping
+                return
             try:
                 meta, error = f.result()
             except Exception as err:  # a decoder crash must not take the node down
@@ -1034,24 +1140,23 @@ class Node:
         node = topic.split("/")[-2]
         if node == self.cfg.id or node not in self.cfg.peers:
             return
-        try:
-            info = json.loads(payload) if payload else {}
-        except ValueError:
+        if not payload:  # cleared
+            self.node_info.pop(node, None)
             return
-        if not isinstance(info, dict):
+        try:
+            info = PeerState.parse(payload)
+        except ProtocolError as err:
+            self.faults.record("bad node state", err)
             return
         self.node_info[node] = info
-        songs = info.get("songs")
-        if isinstance(songs, list):
-            for song, who in self.holders.items():
-                if song not in songs:
-                    who.discard(node)
-            for song in songs:
-                if isinstance(song, str):
-                    self.holders.setdefault(song, set()).add(node)
-                    ev = self.song_events.get(song)
-                    if ev is not None:
-                        ev.set()
+        for song, who in self.holders.items():
+            if song not in info.songs:
+                who.discard(node)
+        for song in info.songs:
+            self.holders.setdefault(song, set()).add(node)
+            ev = self.song_events.get(song)
+            if ev is not None:
+                ev.set()
 
     # ------------------------------------------------------------------ client commands (master)
 
@@ -1081,6 +1186,9 @@ class Node:
                 self._tasks.append(asyncio.create_task(self._serve_load(req)))
             else:
                 self._serve(req)
+        except Unchanged as err:
+            # nothing to do, and no failure: once f+1 nodes hold the state that makes it so
+            self._wait_commit(req, str(err))
         except CommandError as err:
             self._reply(req, False, str(err))
         except ProtocolError as err:
@@ -1108,34 +1216,36 @@ class Node:
         return matches[0]
 
     def _commit(self, new: PlayerState, op: dict[str, Any], req: Request | None) -> None:
-        term = self.election.term
-        if self.majority > 1:
-            self.pending[(term, new.index)] = PendingAck(
-                req, self.clock.now() + self.timing.ack_timeout_s
-            )
+        """Apply ``new`` (made by ``op``) here, send ``op`` to the speakers, and answer ``req``
+        once f+1 nodes hold it."""
+        self.pending[new.index] = PendingAck(
+            self.clock.now() + self.timing.ack_timeout_s, [req] if req is not None else []
+        )
         self._send("op", op=op)
         old = self._assign_state(new)
+        term = self.election.term
 
         def own_part() -> None:
             # the master's own acknowledgement: on disk before any ack is counted (acks are read
             # after this callback). Deferred so that the bus sends the op first, once this
             # handler returns: the speakers' round trip overlaps the fsync and the sink.
             self._persist()
+            if self.is_master and self.election.term == term:
+                self._own_durable = max(self._own_durable, new.index)
+                self._advance_commit()
             self._state_changed(old)
-            if self.majority <= 1 and req is not None:
-                self._reply_ok(req, "ok")
 
         self._soon(own_part)
 
     def _expire_acks(self, now: float) -> None:
-        for key, p in list(self.pending.items()):
+        for index, p in list(self.pending.items()):
             if now >= p.deadline:
-                del self.pending[key]
-                if p.request is not None:
-                    got = len(p.acks) + 1
-                    why = "; ".join(f"{n}: {m}" for n, m in p.failures.items())
+                del self.pending[index]
+                got = self._held_by(index)
+                why = "; ".join(f"{n}: {m}" for n, m in p.failures.items())
+                for req in p.requests:
                     self._reply(
-                        p.request,
+                        req,
                         False,
                         f"applied on the master but only {got} of {self.majority} nodes "
                         f"acknowledged in {self.timing.ack_timeout_s:g} s"
@@ -1165,15 +1275,14 @@ class Node:
             else:
                 dur = self.store.meta(song).get("duration_s")
                 frames[song] = int(dur * RATE) if isinstance(dur, (int, float)) else UNKNOWN_FRAMES
-        return Context(self.clock.now(), self._lead(), frames)
+        return Context(self.clock.now(), self._lead(), frames, term=self.election.term)
 
     def _lead(self) -> float:
         rtts: list[float | None] = []
         now = self.clock.now()
         for node, info in self.node_info.items():
             if now - self.last_seen.get(node, -1e9) < NODE_ALIVE_S:
-                clock = info.get("clock") or {}
-                rtts.append(clock.get("rtt_p90_s"))
+                rtts.append(info.rtt_p90_s)
         return lead_time(
             rtts, self.timing.lead_min_s, self.timing.lead_max_s, self.timing.lead_rtt_factor
         )
@@ -1239,7 +1348,9 @@ class Node:
                 self._reply(req, False, "not a playable song: not a known audio format")
                 return
             self.holders.setdefault(song, set()).add(self.cfg.id)
-            title = self.store.meta(song).get("title") or req.params.get("name") or song[:12]
+            name = req.params.get("name")
+            name = name[:200] if isinstance(name, str) else None
+            title = self.store.meta(song).get("title") or name or song[:12]
             if req.params.get("bg"):
                 self._offer(song)
                 self._reply(req, True, f"{title} is on the master; replicating in the background")
@@ -1365,10 +1476,16 @@ class Node:
             },
             "playlist_hash": self.state.hash,
             "playback": self.state.playback.state,
+            "faults": self.faults.snapshot(),  # failures survived, by where and type
+            "loop_stalls": self.watchdog.stalls,  # event loop blocked > 0.5 s
         }
         payload = json.dumps(doc, separators=(",", ":")).encode()
         self._node_state_sent = now
         self.bus.publish(self.topics.node_state(self.cfg.id), payload, retain=True)
+
+
+def _is_index(v: object) -> TypeGuard[int]:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 async def wait_event(event: asyncio.Event, timeout_s: float) -> None:
@@ -1385,7 +1502,7 @@ def _sniff_reply_to(payload: bytes) -> str | None:
         from nsync_mqtt.messages import check_id
 
         return check_id(rt) if rt else None
-    except (ValueError, ProtocolError, UnicodeDecodeError, AttributeError):
+    except (ValueError, RecursionError, ProtocolError, UnicodeDecodeError, AttributeError):
         return None
 
 

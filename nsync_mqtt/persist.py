@@ -68,7 +68,7 @@ class Durable:
             not isinstance(at, (int, float)) or isinstance(at, bool) or not math.isfinite(at)
         ):
             raise ProtocolError("last_log_at must be a time in Unix seconds")
-        state = PlayerState.from_dict(d.get("state"))
+        state = PlayerState.from_dict(d.get("state"), default_term=last[0])
         return cls(term, voted_for, state, (last[0], last[1]), None if at is None else float(at))
 
 

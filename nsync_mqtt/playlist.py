@@ -5,12 +5,23 @@ the current song), the playback (playing/paused/idle, and which song frame plays
 instant of the master's clock) and the volume. The master turns a client command into a new state
 and an *operation*; speakers apply the operation to their own state.
 
-Consistency follows the NSync paper: an operation that changes the playlist carries the hash of
-the playlist before and after it. A speaker whose playlist hash equals the "after" hash has already
-applied it (a re-delivered command is harmless); one whose hash equals the "before" hash applies
-it; any other hash is a mismatch and the speaker pulls the master's state. Every playback
-operation carries the slotted song's hash and the playlist hash, so a speaker never plays a song
-other than the master's.
+Operations form a log, as in Raft. Every operation carries the index it takes in that log, the
+term (election epoch) of the master that created it, and the term of the operation before it; a
+state remembers the ``(term, index)`` of the last operation applied to it. A master creates at
+most one operation per index in its term, so two states whose last operations share
+``(term, index)`` hold the same operations (log matching). A speaker therefore applies an
+operation only when it comes right after its own last one (same index + 1, same previous term);
+one it already holds (same term, index at or below its own) is a harmless re-delivery; anything
+else (a gap, or another term at an index it holds) is a conflict, and the speaker takes the
+master's whole state instead of acknowledging. The NSync paper's hash checks stay as a second
+line: an operation that changes the playlist carries the hash of the playlist before and after
+it, and every playback operation carries the slotted song's hash and the playlist hash, so a
+speaker never plays a song other than the master's.
+
+A new master starts its term with a ``term`` operation that changes nothing but the log: once
+f+1 nodes hold it, every operation of an older term that the master holds is committed with it,
+and every one it lacks is discarded everywhere (the nodes holding such an operation meet a
+conflict and take the master's state).
 
 Times in a playback are on the master's clock. A playing playback says "frame ``frame`` reaches
 the speakers at master time ``at``"; the position at any later instant follows from the rate.
@@ -19,12 +30,14 @@ the speakers at master time ``at``"; the position at any later instant follows f
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeGuard
+from typing import Any
 
-from nsync_mqtt.errors import CommandError, ProtocolError, SongMissing
+from nsync_mqtt.errors import CommandError, NSyncError, ProtocolError, SongMissing
 from nsync_mqtt.messages import check_hash
+from nsync_mqtt.messages import is_int as _is_int
 
 RATE = 44100
 PLAYING, PAUSED, IDLE = "playing", "paused", "idle"
@@ -69,8 +82,10 @@ class Playback:
         slot, frame, at = d.get("slot"), d.get("frame"), d.get("at")
         if not _is_int(slot) or slot < 0 or not _is_int(frame) or frame < 0:
             raise ProtocolError("playback.slot and playback.frame must be non-negative integers")
-        if at is not None and not isinstance(at, (int, float)):
-            raise ProtocolError("playback.at must be a number or null")
+        if at is not None and (
+            isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at)
+        ):
+            raise ProtocolError("playback.at must be a finite number or null")
         song = d.get("song")
         if song is not None:
             check_hash(song, "playback.song")
@@ -82,7 +97,13 @@ class PlayerState:
     playlist: tuple[str, ...] = ()
     playback: Playback = field(default_factory=Playback)
     volume: int = 50
-    index: int = 0  # operations applied so far
+    index: int = 0  # operations applied so far: the index of the last one
+    term: int = 0  # the term in which the last applied operation was created
+
+    @property
+    def last(self) -> tuple[int, int]:
+        """``(term, index)`` of the last applied operation: what elections compare."""
+        return self.term, self.index
 
     @property
     def hash(self) -> str:
@@ -107,10 +128,13 @@ class PlayerState:
             "playback": self.playback.to_dict(),
             "volume": self.volume,
             "index": self.index,
+            "term": self.term,
         }
 
     @classmethod
-    def from_dict(cls, d: object) -> PlayerState:
+    def from_dict(cls, d: object, default_term: int | None = None) -> PlayerState:
+        """Validate a state document; ``default_term`` stands in for a missing ``term`` (files
+        written before states kept it), otherwise ``term`` is required."""
         if not isinstance(d, dict):
             raise ProtocolError("state must be an object")
         playlist = d.get("playlist")
@@ -122,11 +146,10 @@ class PlayerState:
             raise ProtocolError("state.volume must be an integer 0-100")
         if not _is_int(index) or index < 0:
             raise ProtocolError("state.index must be a non-negative integer")
-        return cls(songs, Playback.from_dict(d.get("playback")), volume, index)
-
-
-def _is_int(v: object) -> TypeGuard[int]:
-    return isinstance(v, int) and not isinstance(v, bool)
+        term = d.get("term", default_term)
+        if not _is_int(term) or term < 0:
+            raise ProtocolError("state.term must be a non-negative integer")
+        return cls(songs, Playback.from_dict(d.get("playback")), volume, index, term)
 
 
 # --- the master side: commands -> (new state, operation) -------------------------------------
@@ -140,18 +163,45 @@ class Context:
     lead_s: float  # how far ahead playback changes are scheduled
     song_frames: Mapping[str, int]  # known length of each held song, in frames
     rate: int = RATE
+    term: int = 0  # the master's term: every operation it creates carries it
+
+
+class Unchanged(NSyncError):
+    """The command asks for what already is (``pause`` when paused): nothing to do, and no
+    failure either (the paper's no-op). The message says so."""
 
 
 def _op(state: PlayerState, new: PlayerState, kind: str, **extra: Any) -> dict[str, Any]:
-    op: dict[str, Any] = {"op": kind, "index": new.index, "pre": state.hash, "post": new.hash}
+    op: dict[str, Any] = {
+        "op": kind,
+        "index": new.index,
+        "term": new.term,
+        "prev_term": state.term,
+        "pre": state.hash,
+        "post": new.hash,
+    }
     op.update(extra)
     if kind == "playback":
         op["playback"] = new.playback.to_dict()
     return op
 
 
-def _with_playback(state: PlayerState, pb: Playback) -> PlayerState:
-    return replace(state, playback=pb, index=state.index + 1)
+def _next(state: PlayerState, ctx: Context, **changes: Any) -> PlayerState:
+    """``state`` with ``changes``, one operation further along, in the master's term."""
+    return replace(state, index=state.index + 1, term=ctx.term, **changes)
+
+
+def _with_playback(state: PlayerState, pb: Playback, ctx: Context) -> PlayerState:
+    return _next(state, ctx, playback=pb)
+
+
+def start_term(state: PlayerState, term: int) -> tuple[PlayerState, dict[str, Any]]:
+    """The first operation of a new master's ``term``: no change but the log's. Once f+1 nodes
+    hold it, everything before it in this master's state is committed."""
+    if not _is_int(term) or term <= state.term:
+        raise ValueError(f"a new term must be above {state.term}, got {term!r}")
+    new = replace(state, index=state.index + 1, term=term)
+    return new, _op(state, new, "term")
 
 
 def _start(state: PlayerState, slot: int, frame: int, ctx: Context) -> Playback:
@@ -191,37 +241,39 @@ def apply_command(
         new_pb = pb
         if pb.song is None:  # nothing slotted: the new song becomes the current one
             new_pb = replace(pb, slot=len(state.playlist), song=song, frame=0, at=None)
-        new = PlayerState(playlist, new_pb, state.volume, state.index + 1)
+        new = _next(state, ctx, playlist=playlist, playback=new_pb)
         return new, _op(state, new, "enqueue", song=song, playback=new_pb.to_dict())
 
     if verb == "play":
         if pb.state == PLAYING:
-            raise CommandError("already playing")
+            raise Unchanged("already playing: nothing changed")
         if not state.playlist:
             raise CommandError("the playlist is empty: enqueue a song first")
         if pb.song is None:  # the playlist ended: play it again from the top
-            new = _with_playback(state, _start(state, 0, 0, ctx))
+            new = _with_playback(state, _start(state, 0, 0, ctx), ctx)
         else:
-            new = _with_playback(state, _start(state, pb.slot, pb.frame, ctx))
+            new = _with_playback(state, _start(state, pb.slot, pb.frame, ctx), ctx)
         return new, _op(state, new, "playback")
 
     if verb == "pause":
         if pb.state != PLAYING:
-            raise CommandError("not playing")
-        new = _with_playback(state, _stop_at(pb, ctx, PAUSED))
+            raise Unchanged(
+                f"already {'paused' if pb.state == PAUSED else 'stopped'}: nothing changed"
+            )
+        new = _with_playback(state, _stop_at(pb, ctx, PAUSED), ctx)
         return new, _op(state, new, "playback")
 
     if verb == "stop":
         if pb.state == IDLE and pb.frame == 0:
-            raise CommandError("already stopped")
+            raise Unchanged("already stopped: nothing changed")
         at = ctx.now + ctx.lead_s
-        new = _with_playback(state, Playback(IDLE, pb.slot, pb.song, 0, at))
+        new = _with_playback(state, Playback(IDLE, pb.slot, pb.song, 0, at), ctx)
         return new, _op(state, new, "playback")
 
     if verb in ("forward", "next"):
         if pb.song is None:
             raise CommandError("nothing to skip: the playlist is empty or has ended")
-        new = _with_playback(state, _cued(state, pb.slot + 1, pb.state == PLAYING, ctx))
+        new = _with_playback(state, _cued(state, pb.slot + 1, pb.state == PLAYING, ctx), ctx)
         return new, _op(state, new, "playback")
 
     if verb in ("backward", "previous"):
@@ -231,7 +283,7 @@ def apply_command(
         pos_s = pb.frame_at(ctx.now, ctx.rate) / ctx.rate if pb.song is not None else 0.0
         if pb.song is None or (pos_s < BACKWARD_RESTART_S and slot > 0):
             slot -= 1
-        new = _with_playback(state, _cued(state, slot, pb.state == PLAYING, ctx))
+        new = _with_playback(state, _cued(state, slot, pb.state == PLAYING, ctx), ctx)
         return new, _op(state, new, "playback")
 
     if verb == "seek":
@@ -248,12 +300,14 @@ def apply_command(
             new_pb = Playback(PLAYING, pb.slot, pb.song, frame, ctx.now + ctx.lead_s)
         else:
             new_pb = Playback(PAUSED, pb.slot, pb.song, frame, None)
-        new = _with_playback(state, new_pb)
+        new = _with_playback(state, new_pb, ctx)
         return new, _op(state, new, "playback")
 
     if verb == "volume":
         volume = parse_volume(arg, state.volume)
-        new = replace(state, volume=volume, index=state.index + 1)
+        if volume == state.volume:
+            raise Unchanged(f"volume already {volume}: nothing changed")
+        new = _next(state, ctx, volume=volume)
         return new, _op(state, new, "volume", volume=volume)
 
     raise CommandError(f"unknown command {verb!r}")
@@ -264,7 +318,7 @@ def next_song(state: PlayerState, finished_slot: int, ctx: Context) -> tuple[Pla
     pb = state.playback
     if pb.state != PLAYING or pb.slot != finished_slot:
         raise CommandError("stale finish report")
-    new = _with_playback(state, _cued(state, pb.slot + 1, True, ctx))
+    new = _with_playback(state, _cued(state, pb.slot + 1, True, ctx), ctx)
     return new, _op(state, new, "playback")
 
 
@@ -302,39 +356,102 @@ class Mismatch(ProtocolError):
     """This node's state disagrees with the master's: it must pull the master's state."""
 
 
-def apply_op(state: PlayerState, op: Mapping[str, Any]) -> PlayerState:
-    """Apply a master's operation; re-delivered operations leave the state unchanged."""
-    index = op.get("index")
-    kind = op.get("op")
-    if not _is_int(index):
-        raise ProtocolError("op.index must be an integer")
+class StaleOp(ProtocolError):
+    """An operation of an older term than this node's last one: a delayed message from a
+    deposed master, to be ignored (neither applied nor acknowledged)."""
+
+
+OP_KINDS = ("enqueue", "playback", "volume", "term")
+
+
+@dataclass(frozen=True)
+class Operation:
+    """An operation as it travels, checked: its place in the log and what it changes."""
+
+    kind: str
+    term: int
+    index: int
+    prev_term: int
+    pre: str  # playlist hash before
+    post: str  # and after
+    song: str | None = None  # enqueue
+    playback: Playback | None = None  # enqueue, playback
+    volume: int | None = None  # volume
+
+    @classmethod
+    def from_dict(cls, op: object) -> Operation:
+        """Check every field of a decoded operation; ProtocolError names the first bad one."""
+        if not isinstance(op, Mapping):
+            raise ProtocolError("an operation must be an object")
+        kind = op.get("op")
+        if kind not in OP_KINDS:
+            raise ProtocolError(f"op.op must be one of {OP_KINDS}, got {str(kind)[:40]!r}")
+        index, term, prev_term = op.get("index"), op.get("term"), op.get("prev_term")
+        if not _is_int(index) or index < 1:
+            raise ProtocolError("op.index must be a positive integer")
+        if not _is_int(term) or not _is_int(prev_term) or not 0 <= prev_term <= term:
+            raise ProtocolError("op.term and op.prev_term must be integers, 0 <= prev_term <= term")
+        pre = check_hash(op.get("pre"), "op.pre")
+        post = check_hash(op.get("post"), "op.post")
+        song = playback = volume = None
+        if kind == "enqueue":
+            song = check_hash(op.get("song"), "op.song")
+        elif post != pre:
+            raise ProtocolError(f"a {kind} operation must leave the playlist as it is")
+        if kind in ("enqueue", "playback"):
+            playback = Playback.from_dict(op.get("playback"))
+        if kind == "volume":
+            volume = op.get("volume")
+            if not _is_int(volume) or not 0 <= volume <= 100:
+                raise ProtocolError("op.volume must be an integer 0-100")
+        return cls(kind, term, index, prev_term, pre, post, song, playback, volume)
+
+
+def apply_op(state: PlayerState, op: Mapping[str, Any] | Operation) -> PlayerState:
+    """Apply a master's operation. One this node already holds leaves the state unchanged (the
+    same object); a gap or a conflict raises Mismatch; an older term's raises StaleOp."""
+    o = op if isinstance(op, Operation) else Operation.from_dict(op)
+    term, index = o.term, o.index
+    if term < state.term:
+        raise StaleOp(
+            f"op ({term}, {index}) is older than the last one held ({state.term}, {state.index})"
+        )
+    if term == state.term and index <= state.index:
+        return state  # held already: the same operation (one master per term, one op per index)
     if index <= state.index:
-        return state  # already applied
+        raise Mismatch(
+            f"conflict: holds ({state.term}, {state.index}) but the master has term {term} "
+            f"at index {index}"
+        )
     if index != state.index + 1:
         raise Mismatch(f"missed operations: have {state.index}, got {index}")
-    pre, post = op.get("pre"), op.get("post")
-    if kind == "enqueue":
-        song = check_hash(op.get("song"))
-        if state.hash == post:  # applied already under another index: only catch up
-            return replace(state, index=index)
-        if state.hash != pre:
-            raise Mismatch("playlist hash differs from the master's before this enqueue")
-        playlist = (*state.playlist, song)
-        if playlist_hash(playlist) != post:
+    if o.prev_term != state.term:
+        raise Mismatch(
+            f"conflict: the op before index {index} is of term {state.term} here, "
+            f"{o.prev_term} on the master"
+        )
+    if state.hash != o.pre:
+        raise Mismatch("playlist hash differs from the master's before this operation")
+    if o.song is not None:  # enqueue
+        playlist = (*state.playlist, o.song)
+        if playlist_hash(playlist) != o.post:
             raise Mismatch("playlist hash differs from the master's after this enqueue")
-        pb = Playback.from_dict(op.get("playback"))
-        return PlayerState(playlist, pb, state.volume, index)
-    if kind == "playback":
-        if state.hash != pre:
-            raise Mismatch("playlist hash differs from the master's")
-        pb = Playback.from_dict(op.get("playback"))
+        assert o.playback is not None
+        return PlayerState(playlist, o.playback, state.volume, index, term)
+    if o.playback is not None:
+        pb = o.playback
         slotted = state.playlist[pb.slot] if pb.slot < len(state.playlist) else None
         if pb.song is not None and slotted != pb.song:
             raise Mismatch("slotted song differs from the master's")
-        return replace(state, playback=pb, index=index)
-    if kind == "volume":
-        volume = op.get("volume")
-        if not _is_int(volume) or not 0 <= volume <= 100:
-            raise ProtocolError("op.volume must be an integer 0-100")
-        return replace(state, volume=volume, index=index)
-    raise ProtocolError(f"unknown operation {kind!r}")
+        return replace(state, playback=pb, index=index, term=term)
+    if o.volume is not None:
+        return replace(state, volume=o.volume, index=index, term=term)
+    return replace(state, index=index, term=term)  # a term's first operation
+
+
+def takes_sync(current: tuple[int, int], offered: tuple[int, int]) -> bool:
+    """Whether a node whose last operation is ``current`` (term, index) takes a master's state
+    whose last one is ``offered``: a state of a newer term always (it settles a conflict, and
+    drops operations of older terms that never committed), one of the same term only if it is
+    not behind (a delayed answer must not undo operations applied since), an older term never."""
+    return offered[0] > current[0] or (offered[0] == current[0] and offered[1] >= current[1])

@@ -33,6 +33,7 @@ from typing import Any
 
 from nsync_mqtt.errors import ProtocolError, SongMissing
 from nsync_mqtt.messages import HASH_RE, check_hash
+from nsync_mqtt.messages import is_int as _is_int
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
 MIN_CHUNK_SIZE = 1024
@@ -58,10 +59,6 @@ def sha224_file(path: Path) -> str:
         while n := f.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

@@ -208,6 +208,8 @@ class NodeSpec:
     extra: list[str] = field(default_factory=list)
     # this node's broker, instead of the cluster's (e.g. a FaultProxy in front of it)
     broker_url: str | None = None
+    # this node's timing, over the cluster's (e.g. a shorter election timeout)
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 class NodeCluster:
@@ -251,8 +253,8 @@ class NodeCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / f"{node}.yaml"
         settings = dict(self.settings)
-        if self.timing:
-            settings["timing"] = self.timing
+        if self.timing or spec.timing:
+            settings["timing"] = {**self.timing, **spec.timing}
         config.write_text(json.dumps(settings))
         cmd = [
             sys.executable,

@@ -2,7 +2,7 @@
 # Prepare a Debian 12 / Raspberry Pi OS (bookworm) machine to run NSync.
 #
 #   bash scripts/setup.sh          # what `nsync node` and `nsync demo` need
-#   bash scripts/setup.sh --test   # plus what the test suite needs (mosquitto)
+#   bash scripts/setup.sh --test   # plus what the test suite needs (mosquitto, its clients)
 #
 # Idempotent: when everything is present it only checks and returns within seconds.
 # Missing system packages are installed with apt-get when run as root; otherwise the script
@@ -72,6 +72,10 @@ new_mosquitto=0
 if ((with_tests)) && ! have_cmd mosquitto; then
     missing+=(mosquitto)
     new_mosquitto=1
+fi
+# the tests read the cluster's topics as a user's scripts do, with mosquitto_sub
+if ((with_tests)) && ! have_cmd mosquitto_sub; then
+    missing+=(mosquitto-clients)
 fi
 
 if ((${#missing[@]})); then

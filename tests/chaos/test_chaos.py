@@ -114,10 +114,14 @@ def test_acknowledged_enqueues_must_all_be_kept_in_order() -> None:
 
 
 def test_disagreement_names_the_nodes() -> None:
-    same = {"n1": {"playlist_hash": "h", "index": 3}, "n2": {"playlist_hash": "h", "index": 3}}
+    node = {"playlist_hash": "h", "index": 3, "last_op": {"term": 2, "index": 3}}
+    same = {"n1": node, "n2": dict(node)}
     assert disagreement(same) is None
-    why = disagreement({**same, "n3": {"playlist_hash": "h", "index": 2}})
-    assert why is not None and "n3: h@2" in why
+    why = disagreement({**same, "n3": {**node, "index": 2}})
+    assert why is not None and "n3: h@(2,2)" in why
+    # the same index in another term is another operation
+    why = disagreement({**same, "n3": {**node, "last_op": {"term": 1, "index": 3}}})
+    assert why is not None and "n3: h@(1,3)" in why
 
 
 def blocks(song: str, t0_ms: int, n: int, frame: int = 0) -> list[Block]:

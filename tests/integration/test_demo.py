@@ -127,3 +127,30 @@ def test_demo_ends_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_demo_fails_loudly_when_a_node_dies(tmp_path: Path) -> None:
+    out = tmp_path / "demo.out"
+    proc = _start_demo(out)
+    try:
+        deadline = time.monotonic() + DEMO_TIMEOUT_S
+        while "loaded and enqueued Demo C" not in out.read_text(errors="replace"):
+            assert proc.poll() is None, out.read_text(errors="replace")
+            assert time.monotonic() < deadline, "the demo never loaded its songs"
+            time.sleep(0.05)
+        temp_dir = _temp_dir(out.read_text(errors="replace"))
+        victims = [p for p in _processes() if p[1] == proc.pid and "n3" in p[2]]
+        assert len(victims) == 1, victims
+        os.kill(victims[0][0], signal.SIGKILL)  # a node of the demo this test started
+        code = _finish(proc, 20.0)
+        text = out.read_text(errors="replace")
+        assert code == 1, text
+        assert "node n3 (exit -9) died; its log ends:" in text, text
+        assert "--- n3 (" in text, text
+        assert "the demo FAILED" in text, text
+        assert temp_dir is not None and not Path(temp_dir).exists()
+        assert _leftover_nodes(proc.pid, temp_dir) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

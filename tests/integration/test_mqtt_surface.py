@@ -5,13 +5,15 @@ payloads, retained state topics, whole-file uploads, liveness topics and the rep
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from nsync_mqtt.bus import new_paho_client
+from nsync_mqtt.bus import new_paho_client, parse_broker_url
 from nsync_mqtt.client import NSyncClient
 from nsync_mqtt.testing import (
     REPLY_KEYS,
@@ -242,3 +244,21 @@ def test_node_status_goes_offline_when_its_node_stops(
     assert cluster.stop_node(master) == 0
     wait_for(lambda: watcher.get(f"node/{master}/status") == b"offline", 5, f"{master} offline")
     wait_for(lambda: watcher.get("status") == b"offline", 5, "cluster status offline")
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_sub") is None, reason="mosquitto_sub missing")
+def test_mosquitto_sub_reads_the_master_from_the_retained_state(
+    cluster: NodeCluster, watcher: Watcher
+) -> None:
+    """The first (retained) message a fresh plain client gets on state/master is the master's
+    id: no node state or other topic the nodes subscribed to comes first."""
+    master = master_of(watcher)
+    port = str(parse_broker_url(cluster.broker_url).port)
+    topic = f"nsync/{cluster.cluster}/state/master"
+    out = subprocess.run(
+        ["mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-v", "-C", "1", "-W", "5", "-t", topic],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    assert out.stdout.splitlines() == [f"{topic} {master}"], out

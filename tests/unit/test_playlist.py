@@ -21,10 +21,14 @@ from nsync_mqtt.playlist import (
     Mismatch,
     Playback,
     PlayerState,
+    StaleOp,
+    Unchanged,
     apply_command,
     apply_op,
     next_song,
     playlist_hash,
+    start_term,
+    takes_sync,
 )
 
 
@@ -36,10 +40,11 @@ A, B, C = sha("a"), sha("b"), sha("c")
 UNKNOWN = sha("never loaded")
 FRAMES = {A: 10 * RATE, B: 20 * RATE, C: 5 * RATE}
 LEAD = 0.25  # exact in binary, so scheduled instants and frames are exact
+TERM = 3  # the master's term in these tests
 
 
-def ctx(now: float, frames: dict[str, int] = FRAMES) -> Context:
-    return Context(now=now, lead_s=LEAD, song_frames=frames)
+def ctx(now: float, frames: dict[str, int] = FRAMES, term: int = TERM) -> Context:
+    return Context(now=now, lead_s=LEAD, song_frames=frames, term=term)
 
 
 def run(state: PlayerState, verb: str, arg: Any = None, now: float = 0.0) -> PlayerState:
@@ -90,10 +95,12 @@ def test_enqueue_on_empty_playlist_slots_the_song() -> None:
     assert new.playlist == (A,)
     assert new.playback == Playback(IDLE, 0, A, 0, None)
     assert new.slotted == A
-    assert new.index == 1
+    assert new.last == (TERM, 1)
     assert op == {
         "op": "enqueue",
         "index": 1,
+        "term": TERM,
+        "prev_term": 0,
         "pre": playlist_hash(()),
         "post": playlist_hash((A,)),
         "song": A,
@@ -143,6 +150,8 @@ def test_play_schedules_the_slotted_song_at_now_plus_lead() -> None:
     assert op == {
         "op": "playback",
         "index": new.index,
+        "term": TERM,
+        "prev_term": TERM,
         "pre": state.hash,
         "post": state.hash,
         "playback": {"state": PLAYING, "slot": 0, "song": A, "frame": 0, "at": 10.25},
@@ -175,9 +184,10 @@ def test_play_on_an_empty_playlist_is_refused() -> None:
         apply_command(PlayerState(), "play", None, ctx(1.0))
 
 
-def test_play_while_playing_is_refused() -> None:
-    with pytest.raises(CommandError, match="already playing"):
+def test_play_while_playing_changes_nothing_and_is_no_failure() -> None:
+    with pytest.raises(Unchanged, match="already playing: nothing changed"):
         apply_command(playing(A), "play", None, ctx(11.0))
+    assert not issubclass(Unchanged, CommandError)
 
 
 def test_play_after_the_playlist_ended_starts_again_from_the_top() -> None:
@@ -186,10 +196,17 @@ def test_play_after_the_playlist_ended_starts_again_from_the_top() -> None:
     assert run(ended, "play", now=12.0).playback == Playback(PLAYING, 0, A, 0, 12.25)
 
 
-@pytest.mark.parametrize("state", [PlayerState(), loaded(A)])
-def test_pause_when_not_playing_is_refused(state: PlayerState) -> None:
-    with pytest.raises(CommandError, match="not playing"):
-        apply_command(state, "pause", None, ctx(1.0))
+@pytest.mark.parametrize(
+    ("state", "why"),
+    [
+        (PlayerState(), "already stopped"),
+        (loaded(A), "already stopped"),
+        (run(playing(A, now=10.0), "pause", now=12.0), "already paused"),
+    ],
+)
+def test_pause_when_not_playing_changes_nothing(state: PlayerState, why: str) -> None:
+    with pytest.raises(Unchanged, match=f"{why}: nothing changed"):
+        apply_command(state, "pause", None, ctx(13.0))
 
 
 def test_stop_rewinds_to_frame_zero_of_the_slotted_song() -> None:
@@ -206,8 +223,8 @@ def test_stop_from_pause_goes_idle() -> None:
 
 
 @pytest.mark.parametrize("state", [PlayerState(), loaded(A)])
-def test_stop_when_already_stopped_is_refused(state: PlayerState) -> None:
-    with pytest.raises(CommandError, match="already stopped"):
+def test_stop_when_already_stopped_changes_nothing(state: PlayerState) -> None:
+    with pytest.raises(Unchanged, match="already stopped: nothing changed"):
         apply_command(state, "stop", None, ctx(1.0))
 
 
@@ -349,6 +366,8 @@ def test_volume_absolute_and_relative(arg: Any, expected: int) -> None:
     assert op == {
         "op": "volume",
         "index": state.index + 1,
+        "term": TERM,
+        "prev_term": TERM,
         "pre": state.hash,
         "post": state.hash,
         "volume": expected,
@@ -484,15 +503,15 @@ def test_missed_op_raises_mismatch() -> None:
 
 def test_playlist_hash_mismatch_on_a_playback_op() -> None:
     _, ops = history(("enqueue", A, 0.0), ("play", None, 1.0))
-    other = PlayerState((B,), Playback(IDLE, 0, B), index=1)  # same index, other playlist
+    other = PlayerState((B,), Playback(IDLE, 0, B), index=1, term=TERM)  # other playlist
     with pytest.raises(Mismatch, match="playlist hash"):
         apply_op(other, ops[1])
 
 
 def test_playlist_hash_mismatch_on_an_enqueue_op() -> None:
     _, ops = history(("enqueue", A, 0.0), ("enqueue", B, 0.1))
-    other = PlayerState((C,), Playback(IDLE, 0, C), index=1)
-    with pytest.raises(Mismatch, match="before this enqueue"):
+    other = PlayerState((C,), Playback(IDLE, 0, C), index=1, term=TERM)
+    with pytest.raises(Mismatch, match="before this operation"):
         apply_op(other, ops[1])
 
 
@@ -503,10 +522,11 @@ def test_enqueue_op_whose_post_hash_disagrees_raises_mismatch() -> None:
         apply_op(PlayerState(), forged)
 
 
-def test_enqueue_op_already_reflected_in_the_playlist_only_catches_up_the_index() -> None:
+def test_enqueue_op_already_reflected_in_the_playlist_under_another_index_is_a_mismatch() -> None:
     _, ops = history(("enqueue", A, 0.0), ("enqueue", B, 0.1))
     speaker = replace(replay(ops), index=1)  # holds (A, B) but counted one op fewer
-    assert apply_op(speaker, ops[1]) == replace(speaker, index=2)
+    with pytest.raises(Mismatch):
+        apply_op(speaker, ops[1])
 
 
 def test_wrong_slotted_song_raises_mismatch() -> None:
@@ -515,6 +535,8 @@ def test_wrong_slotted_song_raises_mismatch() -> None:
     op = {
         "op": "playback",
         "index": master.index + 1,
+        "term": TERM,
+        "prev_term": TERM,
         "pre": master.hash,
         "post": master.hash,
         "playback": Playback(PLAYING, 0, B, 0, 1.0).to_dict(),  # slot 0 holds A
@@ -540,6 +562,212 @@ def test_malformed_op_raises_protocol_error(change: dict[str, Any]) -> None:
     speaker = replay(ops[:1])
     with pytest.raises(ProtocolError):
         apply_op(speaker, {**ops[1], **change})
+
+
+# --- log matching across terms -----------------------------------------------------------------
+
+
+def test_an_op_at_a_held_index_from_another_term_is_a_conflict_never_a_duplicate() -> None:
+    # the dying master of term T1 sent X (volume 11) at index 2 to this speaker alone
+    t1, t2 = TERM + 1, TERM + 2
+    base, ops1 = history(("enqueue", A, 0.0))
+    _, x = apply_command(base, "volume", 11, ctx(1.0, term=t1))
+    speaker = replay([*ops1, x])
+    assert speaker.last == (t1, 2)
+    # the next master (term T2) never had X: it starts its term at index 2
+    master, term_op = start_term(base, t2)
+    assert term_op["index"] == 2 == x["index"]
+    with pytest.raises(Mismatch, match="conflict"):
+        apply_op(speaker, term_op)
+    # ... and its next op, Y at index 3, is a conflict too (the op before it differs)
+    _, y = apply_command(master, "volume", 22, ctx(2.0, term=t2))
+    with pytest.raises(Mismatch, match="conflict"):
+        apply_op(speaker, y)
+    # the speaker takes the master's state instead: X is gone, and Y then applies
+    assert takes_sync(speaker.last, master.last)
+    synced = apply_op(master, y)
+    assert (synced.volume, synced.last) == (22, (t2, 3))
+
+
+def test_an_op_held_already_in_the_same_term_is_a_harmless_redelivery() -> None:
+    _, ops = history(*STEPS)
+    speaker = replay(ops)
+    assert apply_op(speaker, ops[1]) is speaker
+    assert apply_op(speaker, ops[-1]) is speaker
+
+
+def test_an_op_of_an_older_term_is_stale() -> None:
+    base, _ = history(("enqueue", A, 0.0))
+    newer, _ = start_term(base, TERM + 1)
+    _, old = apply_command(base, "volume", 11, ctx(1.0))  # the deposed master's, index 2
+    with pytest.raises(StaleOp):
+        apply_op(newer, old)
+
+
+def test_a_next_op_whose_previous_term_differs_is_a_conflict() -> None:
+    _, ops = history(("enqueue", A, 0.0), ("volume", 30, 1.0))
+    speaker = replace(replay(ops[:1]), term=TERM - 1)  # index 1, but of another term
+    with pytest.raises(Mismatch, match="term"):
+        apply_op(speaker, ops[1])
+
+
+def test_a_gap_in_the_same_term_is_a_mismatch() -> None:
+    _, ops = history(*STEPS)
+    with pytest.raises(Mismatch, match="missed"):
+        apply_op(replay(ops[:1]), ops[3])
+
+
+def test_start_term_moves_the_log_on_and_nothing_else() -> None:
+    state = playing(A, B, now=10.0)
+    new, op = start_term(state, TERM + 1)
+    assert new == replace(state, index=state.index + 1, term=TERM + 1)
+    assert op == {
+        "op": "term",
+        "index": state.index + 1,
+        "term": TERM + 1,
+        "prev_term": TERM,
+        "pre": state.hash,
+        "post": state.hash,
+    }
+    assert apply_op(state, op) == new
+    with pytest.raises(ValueError, match="above"):
+        start_term(state, TERM)
+
+
+@pytest.mark.parametrize(
+    ("current", "offered", "takes"),
+    [
+        ((1, 5), (2, 5), True),  # a newer term settles a conflict
+        ((1, 6), (2, 4), True),  # ... and drops uncommitted ops of the older one
+        ((2, 5), (2, 5), True),
+        ((2, 5), (2, 7), True),
+        ((2, 7), (2, 5), False),  # a delayed answer must not undo ops applied since
+        ((3, 1), (2, 9), False),
+    ],
+)
+def test_takes_sync(current: tuple[int, int], offered: tuple[int, int], takes: bool) -> None:
+    assert takes_sync(current, offered) is takes
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"term": None},
+        {"term": "3"},
+        {"term": True},
+        {"prev_term": None},
+        {"prev_term": TERM + 1},  # after the op's own term
+        {"index": 0},
+    ],
+)
+def test_an_op_without_a_sound_position_is_a_protocol_error(change: dict[str, Any]) -> None:
+    _, ops = history(("enqueue", A, 0.0), ("play", None, 1.0))
+    with pytest.raises(ProtocolError):
+        apply_op(replay(ops[:1]), {**ops[1], **change})
+
+
+def test_a_non_playlist_op_that_claims_to_change_the_playlist_is_refused() -> None:
+    _, ops = history(("enqueue", A, 0.0), ("volume", 30, 1.0))
+    with pytest.raises(ProtocolError, match="playlist"):
+        apply_op(replay(ops[:1]), {**ops[1], "post": playlist_hash((A, B))})
+
+
+class Cluster:
+    """Five nodes under a series of masters: each elected by the vote rule (a majority whose
+    last op is not newer than the candidate's), each starting its term, taking commands and
+    delivering each op to a random subset; a node that meets a conflict takes the master's
+    state. ``logs`` shadows every node's log (the term of each index), which the states alone
+    do not show."""
+
+    N = 5
+    MAJORITY = 3
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.states = [PlayerState() for _ in range(self.N)]
+        self.logs: list[list[int]] = [[] for _ in range(self.N)]
+        self.term = 0
+        self.now = 0.0
+        self.made: dict[tuple[int, int], PlayerState] = {}  # (term, index) -> the state it made
+        self.acked: list[tuple[int, int]] = []  # ops f+1 nodes held when the master answered
+
+    def elect(self) -> int | None:
+        alive = self.rng.sample(range(self.N), self.rng.choice([3, 4, 5]))
+        cand = self.rng.choice(alive)
+        votes = [n for n in alive if self.states[n].last <= self.states[cand].last]
+        if len(votes) < self.MAJORITY:
+            return None
+        self.term += 1
+        return cand
+
+    def deliver(self, master: int, op: dict[str, Any], to: list[int]) -> list[int]:
+        """``op`` to the nodes ``to``; the ones that hold it afterwards (acks)."""
+        acks = [master]
+        for n in to:
+            try:
+                new = apply_op(self.states[n], op)
+            except Mismatch:
+                if takes_sync(self.states[n].last, self.states[master].last):
+                    self.states[n] = self.states[master]
+                    self.logs[n] = list(self.logs[master])
+                    acks.append(n)
+                continue
+            except StaleOp:
+                continue
+            if new is not self.states[n]:
+                self.logs[n].append(op["term"])
+            self.states[n] = new
+            acks.append(n)
+        return acks
+
+    def reign(self, master: int) -> None:
+        others = [n for n in range(self.N) if n != master]
+        new, op = start_term(self.states[master], self.term)
+        ops = [(new, op)]
+        state = new
+        for _ in range(self.rng.randrange(4)):
+            self.now += 1.0
+            verb = self.rng.choice(["enqueue", "volume", "play", "pause", "forward"])
+            arg = {"enqueue": self.rng.choice([A, B, C]), "volume": self.rng.randrange(101)}
+            try:
+                state, op = apply_command(state, verb, arg.get(verb), ctx(self.now, term=self.term))
+            except (CommandError, Unchanged):
+                continue
+            ops.append((state, op))
+        for new, op in ops:
+            self.states[master] = new
+            self.logs[master].append(self.term)
+            self.made[new.last] = new
+            to = self.rng.sample(others, self.rng.randrange(len(others) + 1))
+            if len(self.deliver(master, op, to)) >= self.MAJORITY:
+                self.acked.append(new.last)
+
+    def check(self) -> None:
+        for n in range(self.N):
+            # the same (term, index) means the same state, and the same log behind it
+            assert self.states[n] == self.made.get(self.states[n].last, PlayerState())
+            assert len(self.logs[n]) == self.states[n].index
+            for m in range(self.N):
+                if self.states[m].last == self.states[n].last:
+                    assert self.logs[m] == self.logs[n]
+
+    def holds(self, n: int, entry: tuple[int, int]) -> bool:
+        term, index = entry
+        return len(self.logs[n]) >= index and self.logs[n][index - 1] == term
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_acknowledged_ops_survive_every_later_master(seed: int) -> None:
+    sim = Cluster(seed)
+    for _ in range(60):
+        master = sim.elect()
+        if master is None:
+            continue
+        for entry in sim.acked:  # leader completeness: a new master holds every acked op
+            assert sim.holds(master, entry), (entry, master, sim.logs[master])
+        sim.reign(master)
+        sim.check()
+    assert sim.term > 20 and len(sim.acked) > 20
 
 
 class Simulation:
@@ -588,7 +816,7 @@ class Simulation:
                 new, op = next_song(self.master, self.master.playback.slot, c)
             else:
                 new, op = apply_command(self.master, verb, arg, c)
-        except CommandError:
+        except (CommandError, Unchanged):
             return
         assert new.index == self.master.index + 1 == op["index"]
         self.succeeded.add(verb)
