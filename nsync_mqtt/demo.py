@@ -35,6 +35,7 @@ import paho.mqtt.client as mqtt
 from nsync_mqtt import sinklog, tones
 from nsync_mqtt.bus import new_paho_client, parse_broker_url
 from nsync_mqtt.client import NSyncClient, Reply
+from nsync_mqtt.errors import NSyncError
 from nsync_mqtt.messages import Topics
 from nsync_mqtt.testing import free_port, port_open
 
@@ -493,6 +494,9 @@ def run_demo(speakers: int, seconds: float | None, audio: bool) -> int:
             except NodeDied as err:
                 _say(f"nsync demo: {err}")
                 code = 1
+            except NSyncError as err:  # the cluster's broker did not answer, ...
+                _say(f"nsync demo: {err}; the nodes' logs end:\n{_tails_of_logs(nodes)}")
+                code = 1
             except KeyboardInterrupt:
                 code = 0
             except _Terminated:
@@ -547,7 +551,9 @@ def _run(
     view = ClusterView(url)
     view.start()
     try:
-        with NSyncClient(url, CLUSTER, timeout=5.0) as client:
+        client = NSyncClient(url, CLUSTER, timeout=BROKER_UP_TIMEOUT_S).connect()
+        client.timeout = 5.0  # per command, once connected
+        with contextlib.closing(client):
             t0 = time.monotonic()
             if not _wait_for_master(client, nodes, stats):
                 _say(f"no master was elected within {MASTER_TIMEOUT_S:g} s; node logs:")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import sys
 import threading
@@ -149,3 +150,12 @@ class LoopWatchdog:
             frame = sys._current_frames().get(self._loop_thread)
             where = "".join(traceback.format_stack(frame)[-8:]) if frame is not None else "?"
             log.warning("the event loop has been blocked for %.2f s; it is in:\n%s", blocked, where)
+
+
+def log_tasks() -> None:
+    """Log every task of the running event loop with where it waits (``kill -USR2`` a node)."""
+    out = io.StringIO()
+    tasks = asyncio.all_tasks()
+    for task in sorted(tasks, key=lambda t: t.get_name()):
+        task.print_stack(limit=6, file=out)
+    log.warning("%d asyncio tasks:\n%s", len(tasks), out.getvalue())

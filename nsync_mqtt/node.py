@@ -28,7 +28,7 @@ from nsync_mqtt.bus import Bus, parse_broker_url
 from nsync_mqtt.clock import SimClock
 from nsync_mqtt.config import NodeConfig, parse_host_port
 from nsync_mqtt.errors import CommandError, NSyncError, ProtocolError
-from nsync_mqtt.guard import Faults, LoopWatchdog, forever
+from nsync_mqtt.guard import Faults, LoopWatchdog, forever, log_tasks
 from nsync_mqtt.messages import (
     Message,
     Topics,
@@ -1516,6 +1516,7 @@ def run_node(cfg: NodeConfig) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, node.request_stop)
+        loop.add_signal_handler(signal.SIGUSR2, log_tasks)  # `kill -USR2 <pid>`: every task
         await node.run()
 
     try:
