@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any
 
 from nsync_mqtt import audio, wire
 from nsync_mqtt.broker_embed import EmbeddedBroker
@@ -1482,10 +1482,6 @@ class Node:
         payload = json.dumps(doc, separators=(",", ":")).encode()
         self._node_state_sent = now
         self.bus.publish(self.topics.node_state(self.cfg.id), payload, retain=True)
-
-
-def _is_index(v: object) -> TypeGuard[int]:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 async def wait_event(event: asyncio.Event, timeout_s: float) -> None:
