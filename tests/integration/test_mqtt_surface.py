@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +23,7 @@ from nsync_mqtt.testing import (
     Watcher,
     load_and_enqueue,
     ok,
+    refused,
     tone_file,
     wait_for,
 )
@@ -262,3 +264,35 @@ def test_mosquitto_sub_reads_the_master_from_the_retained_state(
         timeout=15,
     )
     assert out.stdout.splitlines() == [f"{topic} {master}"], out
+
+
+def test_a_command_that_changes_nothing_succeeds_and_says_so(
+    song: str, client: NSyncClient, raw: RawClient, watcher: Watcher
+) -> None:
+    """The paper's no-op: a retry from a script or Home Assistant never sees a failure."""
+    wait_for(lambda: retained_value(watcher, "song", song.encode()), 5, "the slotted song")
+    master = master_of(watcher)
+
+    def index() -> int:
+        return int(watcher.node_states()[master]["index"])
+
+    try:
+        for verb, body in (("play", {}), ("pause", {}), ("stop", {}), ("volume", {"volume": 33})):
+            first = raw.request(verb, body)
+            assert first["success"] and "nothing changed" not in first["msg"], first
+            if verb != "play":  # (not while the 3 s song plays on: its end is an operation)
+                time.sleep(1.2)  # the master publishes its node state (its index) every second
+            before = index()
+            again = raw.request(verb, body)
+            assert again["success"] is True, again
+            assert again["msg"].endswith("nothing changed"), again
+            assert again["command"] == verb and again["params"] == body, again
+            if verb != "play":
+                time.sleep(1.2)
+                assert index() == before, f"{verb} again made an operation"
+        paused_twice = raw.request("pause", {})  # stopped: nothing to pause either
+        assert paused_twice["success"] and "already stopped" in paused_twice["msg"], paused_twice
+        # a command with a bad argument still fails
+        refused(raw.request("volume", {"volume": "loud"}), "volume", "volume must be")
+    finally:
+        client.stop()
