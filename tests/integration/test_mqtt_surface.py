@@ -232,22 +232,6 @@ def test_reply_objects_have_exactly_the_documented_keys(raw: RawClient) -> None:
     assert "client_req_id" in refused["msg"]
 
 
-def test_node_status_goes_offline_when_its_node_stops(
-    cluster: NodeCluster, raw: RawClient, watcher: Watcher
-) -> None:
-    """Runs last: it stops two of the three nodes."""
-    master = master_of(watcher)
-    speaker = next(n for n in cluster.specs if n != master)
-    others = [n for n in cluster.specs if n != speaker]
-    assert cluster.stop_node(speaker) == 0
-    wait_for(lambda: watcher.get(f"node/{speaker}/status") == b"offline", 5, f"{speaker} offline")
-    assert all(watcher.get(f"node/{n}/status") == b"online" for n in others)
-    assert ok(raw.request("status"))["state"]["master"] == master  # the quorum still serves
-    assert cluster.stop_node(master) == 0
-    wait_for(lambda: watcher.get(f"node/{master}/status") == b"offline", 5, f"{master} offline")
-    wait_for(lambda: watcher.get("status") == b"offline", 5, "cluster status offline")
-
-
 @pytest.mark.skipif(shutil.which("mosquitto_sub") is None, reason="mosquitto_sub missing")
 def test_mosquitto_sub_reads_the_master_from_the_retained_state(
     cluster: NodeCluster, watcher: Watcher
@@ -296,3 +280,19 @@ def test_a_command_that_changes_nothing_succeeds_and_says_so(
         refused(raw.request("volume", {"volume": "loud"}), "volume", "volume must be")
     finally:
         client.stop()
+
+
+def test_node_status_goes_offline_when_its_node_stops(
+    cluster: NodeCluster, raw: RawClient, watcher: Watcher
+) -> None:
+    """Runs last: it stops two of the three nodes."""
+    master = master_of(watcher)
+    speaker = next(n for n in cluster.specs if n != master)
+    others = [n for n in cluster.specs if n != speaker]
+    assert cluster.stop_node(speaker) == 0
+    wait_for(lambda: watcher.get(f"node/{speaker}/status") == b"offline", 5, f"{speaker} offline")
+    assert all(watcher.get(f"node/{n}/status") == b"online" for n in others)
+    assert ok(raw.request("status"))["state"]["master"] == master  # the quorum still serves
+    assert cluster.stop_node(master) == 0
+    wait_for(lambda: watcher.get(f"node/{master}/status") == b"offline", 5, f"{master} offline")
+    wait_for(lambda: watcher.get("status") == b"offline", 5, "cluster status offline")
