@@ -440,6 +440,13 @@ def _wait_for_master(client: NSyncClient, nodes: Sequence[NodeProc], stats: Stat
     return False
 
 
+def _ctrl_c_stops() -> None:
+    """Ctrl-C (SIGINT) stops the demo, as its table says, even when it was started with SIGINT
+    ignored (by a shell, as a background job of a script)."""
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
     """SIGTERM raises _Terminated inside the block, once: a second one cannot cut the cleanup."""
@@ -487,6 +494,7 @@ def run_demo(speakers: int, seconds: float | None, audio: bool) -> int:
     nodes: list[NodeProc] = []
     stats = Stats()
     code = 0
+    _ctrl_c_stops()
     try:
         with _sigterm_raises():
             try:

@@ -51,7 +51,13 @@ def _leftover_nodes(demo_pid: int, temp_dir: str | None) -> list[str]:
     return left
 
 
-def _start_demo(out: Path, *args: str) -> subprocess.Popen[bytes]:
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _start_demo(out: Path, *args: str, sigint_ignored: bool = False) -> subprocess.Popen[bytes]:
+    """Start ``nsync demo``; with ``sigint_ignored``, as a shell starts a background job of a
+    script (SIGINT ignored on entry)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with out.open("wb") as f:
         return subprocess.Popen(
@@ -61,6 +67,7 @@ def _start_demo(out: Path, *args: str) -> subprocess.Popen[bytes]:
             stdout=f,
             stderr=subprocess.STDOUT,
             env=env,
+            preexec_fn=_ignore_sigint if sigint_ignored else None,
         )
 
 
@@ -100,9 +107,10 @@ def test_demo_runs_a_cluster_in_sync_and_cleans_up(tmp_path: Path) -> None:
             proc.wait()
 
 
-def test_demo_ends_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sigint_ignored", [False, True])
+def test_demo_ends_cleanly_on_ctrl_c(tmp_path: Path, sigint_ignored: bool) -> None:
     out = tmp_path / "demo.out"
-    proc = _start_demo(out)
+    proc = _start_demo(out, sigint_ignored=sigint_ignored)
     try:
         deadline = time.monotonic() + DEMO_TIMEOUT_S
         while _temp_dir(out.read_text(errors="replace")) is None:
