@@ -29,12 +29,14 @@ anyway, so it is left as it is.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import logging
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +113,15 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 class EmbeddedBroker:
-    """An amqtt broker listening on one TCP address, run inside the caller's event loop."""
+    """An amqtt broker listening on one TCP address, on an event loop of its own in a thread of
+    its own.
+
+    A node that embeds the broker serves every client of the cluster from it, so the broker
+    must not wait for the node: the node's own loop saves its durable state with fsync before
+    it votes or acknowledges, and on a busy disk (an SD card, a machine still writing out a
+    package install) one fsync took up to half a second here. Sharing that loop, the broker
+    stalled with it, and clients waiting to connect gave up.
+    """
 
     def __init__(
         self, host: str = "127.0.0.1", port: int = 1883, password_file: Path | None = None
@@ -119,7 +129,9 @@ class EmbeddedBroker:
         self.host = host
         self.port = port
         self.password_file = password_file
-        self._broker: Broker | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
 
     @property
     def url(self) -> str:
@@ -143,8 +155,9 @@ class EmbeddedBroker:
         }
 
     async def start(self) -> None:
-        """Start listening. Must run inside the event loop that will serve the broker."""
-        if self._broker is not None:
+        """Start listening; returns once the broker accepts connections. BrokerError if it
+        cannot (port in use, bad password file, ...)."""
+        if self._thread is not None:
             raise BrokerError("the embedded broker is already running")
         for name in _QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -152,7 +165,6 @@ class EmbeddedBroker:
         if self.password_file is not None and not self.password_file.is_file():
             raise BrokerError(f"password file {self.password_file} not found")
         _check_port_free(self.host, self.port)
-
         if amqtt.__version__ != AMQTT_VERSION:
             log.warning(
                 "amqtt %s is installed; the embedded broker's retained-message fix was checked "
@@ -160,6 +172,48 @@ class EmbeddedBroker:
                 amqtt.__version__,
                 AMQTT_VERSION,
             )
+        started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        thread = threading.Thread(
+            target=self._run, args=(started,), name="nsync-broker", daemon=True
+        )
+        thread.start()
+        try:
+            await asyncio.wrap_future(started)
+        except BaseException:
+            thread.join(STOP_TIMEOUT_S)
+            raise
+        self._thread = thread
+
+    async def stop(self) -> None:
+        """Stop listening, disconnect every client, and shut the broker down (at most
+        ``STOP_TIMEOUT_S``; what is left then is logged and dropped)."""
+        thread, loop, stopping = self._thread, self._loop, self._stopping
+        self._thread = None
+        if thread is None or loop is None or stopping is None:
+            return
+        with contextlib.suppress(RuntimeError):  # its loop has ended already
+            loop.call_soon_threadsafe(stopping.set)
+        await asyncio.to_thread(thread.join, STOP_TIMEOUT_S + 2.0)
+        if thread.is_alive():
+            log.warning("the embedded broker's thread did not end")
+
+    # -- the broker's thread
+
+    def _run(self, started: concurrent.futures.Future[None]) -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._serve(loop, started))
+        except BaseException as err:
+            if not started.done():
+                started.set_exception(err)
+            else:
+                log.exception("the embedded broker stopped on an error")
+        finally:
+            loop.close()
+
+    async def _serve(
+        self, loop: asyncio.AbstractEventLoop, started: concurrent.futures.Future[None]
+    ) -> None:
         try:
             broker = _Broker(self._config())
         except Exception as err:  # plugin or config failures surface as assorted types
@@ -169,14 +223,10 @@ class EmbeddedBroker:
             await broker.start()
         except AMQTTError as err:
             raise BrokerError(f"cannot start the embedded broker on {self.url}: {err}") from err
-        self._broker = broker
-
-    async def stop(self) -> None:
-        """Stop listening, disconnect every client, and shut the broker down (at most
-        ``STOP_TIMEOUT_S``; what is left then is logged and dropped)."""
-        broker, self._broker = self._broker, None
-        if broker is None:
-            return
+        self._stopping = asyncio.Event()
+        self._loop = loop
+        started.set_result(None)
+        await self._stopping.wait()
         # amqtt stops a client's handler by cancelling its reader task and waiting for it. On
         # Python 3.11 asyncio.wait_for can swallow that cancellation when a packet arrives at
         # the same moment, and the reader then reads on while shutdown() waits for it: a node
