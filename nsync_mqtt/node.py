@@ -1300,6 +1300,9 @@ class Node:
         except ProtocolError as err:
             self._reply(req, False, f"bad load manifest: {err}")
             return
+        if not isinstance(req.params.get("bg", False), bool):
+            self._reply(req, False, "bad load manifest: bg must be true or false")
+            return
         if req.reply_to is None:
             log.warning("a load without reply_to cannot be served (nobody to ask for chunks)")
             return

@@ -304,6 +304,15 @@ def test_oversized_load_names_the_limit(
     assert_healthy(cluster, raw)
 
 
+def test_load_with_a_non_boolean_bg_is_refused(cluster: NodeCluster, raw: RawClient) -> None:
+    song = hashlib.sha224(b"bg as text").hexdigest()
+    since = raw.mark()
+    body = {"song": song, "size": 1000, "chunk_size": 64 * 1024, "bg": "no"}
+    refused(raw.request("load", body), "load", "bg must be true or false")
+    assert not [m for m in raw.since(since) if "/xfer/" in m.topic]  # no chunk was asked for
+    assert_healthy(cluster, raw)
+
+
 def upload_reply(raw: RawClient, data: bytes) -> dict[str, Any]:
     since = raw.mark()
     raw.publish(raw.topics.upload, data)
