@@ -25,8 +25,8 @@ from common import (
     table,
 )
 
+from nsync_lab.testing import NodeCluster, NodeSpec, tone_file
 from nsync_mqtt.client import NSyncClient
-from nsync_mqtt.testing import NodeCluster, NodeSpec, tone_file
 
 LIMIT_S = 30.0
 

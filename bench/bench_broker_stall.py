@@ -28,8 +28,8 @@ from typing import Any
 
 from common import arg_parser, conditions, record, summary_ms, table
 
+from nsync_lab.testing import NodeCluster, NodeSpec, free_port, wait_port
 from nsync_mqtt.client import NSyncClient
-from nsync_mqtt.testing import NodeCluster, NodeSpec, free_port, wait_port
 
 PRESSURE_CHUNK_MB = 512  # written, then fsynced, over and over by the pressure process
 

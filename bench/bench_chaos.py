@@ -8,7 +8,7 @@ Prints the fault kinds injected, each invariant's checks and violations, and the
 times (fault on the master or its broker -> first successful client command), then writes
 bench/results/chaos.json (or the file named by --out). A run with a violation prints the seed
 and the fault schedule that reproduce it and exits 1. The short profile is tests/chaos (same
-harness, nsync_mqtt.chaos).
+harness, nsync_lab.chaos).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 import common
 from common import summary_ms, table
 
-from nsync_mqtt.chaos import INVARIANTS, KINDS, ChaosConfig, FaultRecord, run_chaos
+from nsync_lab.chaos import INVARIANTS, KINDS, ChaosConfig, FaultRecord, run_chaos
 
 
 def main() -> int:

@@ -26,8 +26,8 @@ from typing import Any
 import common
 from common import table
 
+from nsync_lab.testing import NodeCluster, NodeSpec
 from nsync_mqtt.bus import new_paho_client, parse_broker_url
-from nsync_mqtt.testing import NodeCluster, NodeSpec
 
 # The paper's Table III offsets, in seconds.
 SPECS = [

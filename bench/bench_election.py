@@ -29,10 +29,10 @@ from common import (
     table,
 )
 
+from nsync_lab.testing import NodeCluster, NodeSpec, tone_file
 from nsync_mqtt import sinklog
 from nsync_mqtt.client import NSyncClient
 from nsync_mqtt.replication import sha224_file
-from nsync_mqtt.testing import NodeCluster, NodeSpec, tone_file
 
 SONG_S = 45.0
 PROBE_TIMEOUT_S = 0.05

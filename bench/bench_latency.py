@@ -27,8 +27,8 @@ from typing import Any
 import common
 from common import summary_ms, table
 
+from nsync_lab.testing import NodeCluster
 from nsync_mqtt.bus import new_paho_client, parse_broker_url
-from nsync_mqtt.testing import NodeCluster
 from nsync_mqtt.tones import make_tone_wav
 
 VERBS = ("play", "pause", "forward", "backward", "enqueue")

@@ -36,9 +36,9 @@ from typing import Any
 import common
 from common import table
 
+from nsync_lab.testing import NodeCluster
 from nsync_mqtt.bus import new_paho_client, parse_broker_url
 from nsync_mqtt.replication import sha224_file
-from nsync_mqtt.testing import NodeCluster
 from nsync_mqtt.tones import RATE, make_tone_wav
 
 SIZES_MB = (2.5, 6.6, 9.1)  # the paper's Table I

@@ -26,8 +26,8 @@ from typing import Any
 
 from common import arg_parser, broker, conditions, percentile, record, table
 
+from nsync_lab.testing import NodeCluster, NodeSpec, tone_file, wait_for
 from nsync_mqtt.client import NSyncClient
-from nsync_mqtt.testing import NodeCluster, NodeSpec, tone_file, wait_for
 
 BIG_SONG_BYTES = 9_100_000
 COMMAND_INTERVAL_S = 0.002

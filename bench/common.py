@@ -1,7 +1,7 @@
 """Shared helpers of the NSync benchmarks: a broker process on loopback, percentiles, tables,
 machine facts and the JSON result files in bench/results/.
 
-Every process a benchmark uses is started here or by ``nsync_mqtt.testing.NodeCluster`` and is
+Every process a benchmark uses is started here or by ``nsync_lab.testing.NodeCluster`` and is
 stopped by its own handle; everything binds 127.0.0.1.
 """
 
@@ -25,11 +25,12 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 BROKERS = ("amqtt", "mosquitto")
 
-if str(REPO) not in sys.path:  # run as `python bench/bench_X.py` from anywhere
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "lab"):  # run as `python bench/bench_X.py` from anywhere
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from nsync_mqtt import testing  # noqa: E402
-from nsync_mqtt.testing import MOSQUITTO, free_port  # noqa: E402
+from nsync_lab import testing  # noqa: E402
+from nsync_lab.testing import MOSQUITTO, free_port  # noqa: E402
 
 
 class BrokerProcess(testing.BrokerProcess):

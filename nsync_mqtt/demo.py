@@ -37,7 +37,7 @@ from nsync_mqtt.bus import new_paho_client, parse_broker_url
 from nsync_mqtt.client import NSyncClient, Reply
 from nsync_mqtt.errors import NSyncError
 from nsync_mqtt.messages import Topics
-from nsync_mqtt.testing import free_port, port_open
+from nsync_mqtt.ports import free_port, port_open
 
 CLUSTER = "home"
 TRACKS = (("Demo A", 440.0), ("Demo B", 554.37), ("Demo C", 659.25))

@@ -118,4 +118,16 @@ if [[ "$want" != "$have" ]]; then
     (cd "$ROOT" && "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]')
     echo "$want" >"$STAMP"
 fi
+# the test lab (cluster harness, fault proxy, chaos runner): a package of its own, outside the
+# shipped one, installed beside it for the tests and benchmarks
+LAB_STAMP="$VENV/.nsync-lab-pyproject.sha256"
+if ((with_tests)); then
+    want="$(sha256sum "$ROOT/lab/pyproject.toml" | cut -d' ' -f1)"
+    if [[ "$want" != "$(cat "$LAB_STAMP" 2>/dev/null || true)" ]]; then
+        say "installing the test lab (nsync-lab) into $VENV"
+        rm -f "$LAB_STAMP"
+        (cd "$ROOT" && "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e lab)
+        echo "$want" >"$LAB_STAMP"
+    fi
+fi
 say "ready ($("$VENV/bin/python" -c 'import platform; print("Python", platform.python_version())'), $VENV)"

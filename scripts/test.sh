@@ -19,7 +19,7 @@ if [[ "${1:-}" == "--" ]]; then
     shift
 fi
 
-lint_paths=(nsync_mqtt tests)
+lint_paths=(nsync_mqtt lab tests)
 [[ -d bench ]] && lint_paths+=(bench)
 
 failed=()

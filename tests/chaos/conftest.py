@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nsync_mqtt.testing import MOSQUITTO
+from nsync_lab.testing import MOSQUITTO
 
 
 def children() -> set[int]:

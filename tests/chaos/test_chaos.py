@@ -1,6 +1,6 @@
 """The chaos suite, short profile: five real nodes behind fault proxies with a second broker to
 fail over to, seeded schedules of faults (five distinct kinds per seed, every kind over the
-seeds), a client issuing commands throughout, and the invariants of nsync_mqtt.chaos checked
+seeds), a client issuing commands throughout, and the invariants of nsync_lab.chaos checked
 at the end. The long profile is bench/bench_chaos.py.
 
 The checkers themselves are tested first, on literal records."""
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from nsync_mqtt import chaos
-from nsync_mqtt.chaos import (
+from nsync_lab import chaos
+from nsync_lab.chaos import (
     KINDS,
     MASTER,
     ChaosConfig,

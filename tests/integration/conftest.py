@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from nsync_mqtt.client import NSyncClient
-from nsync_mqtt.testing import (
+from nsync_lab.testing import (
     MOSQUITTO,
     BrokerProcess,
     NodeCluster,
@@ -31,6 +30,7 @@ from nsync_mqtt.testing import (
     ready_cluster,
     unique_cluster_name,
 )
+from nsync_mqtt.client import NSyncClient
 
 requires_mosquitto = pytest.mark.skipif(
     not MOSQUITTO.exists(), reason=f"mosquitto not installed ({MOSQUITTO} missing)"

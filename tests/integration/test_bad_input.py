@@ -15,10 +15,7 @@ from typing import Any
 
 import pytest
 
-from nsync_mqtt.client import NSyncClient
-from nsync_mqtt.messages import Topics, encode_chunk
-from nsync_mqtt.replication import Manifest, chunk_header, sha224_file
-from nsync_mqtt.testing import (
+from nsync_lab.testing import (
     NodeCluster,
     RawClient,
     Watcher,
@@ -28,6 +25,9 @@ from nsync_mqtt.testing import (
     tone_file,
     wait_for,
 )
+from nsync_mqtt.client import NSyncClient
+from nsync_mqtt.messages import Topics, encode_chunk
+from nsync_mqtt.replication import Manifest, chunk_header, sha224_file
 from nsync_mqtt.tones import make_tone_wav
 
 pytestmark = pytest.mark.integration

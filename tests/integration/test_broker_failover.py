@@ -11,10 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nsync_mqtt import sinklog
-from nsync_mqtt.client import NSyncClient
-from nsync_mqtt.replication import sha224_file
-from nsync_mqtt.testing import (
+from nsync_lab.testing import (
     BrokerProcess,
     NodeCluster,
     NodeSpec,
@@ -24,6 +21,9 @@ from nsync_mqtt.testing import (
     unique_cluster_name,
     wait_for,
 )
+from nsync_mqtt import sinklog
+from nsync_mqtt.client import NSyncClient
+from nsync_mqtt.replication import sha224_file
 
 pytestmark = pytest.mark.integration
 
@@ -89,9 +89,9 @@ def test_an_earlier_broker_counts_as_back_only_when_it_answers_mqtt(
 ) -> None:
     import asyncio
 
+    from nsync_lab.faultproxy import FaultProxy
+    from nsync_lab.testing import free_port
     from nsync_mqtt.bus import _broker_answers, parse_broker_url
-    from nsync_mqtt.faultproxy import FaultProxy
-    from nsync_mqtt.testing import free_port
 
     live = broker_factory("mosquitto")
     embedded = broker_factory("amqtt")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from nsync_mqtt.testing import BrokerProcess, RawClient
+from nsync_lab.testing import BrokerProcess, RawClient
 
 pytestmark = [
     pytest.mark.integration,

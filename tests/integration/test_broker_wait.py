@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nsync_mqtt.testing import (
+from nsync_lab.testing import (
     BrokerProcess,
     NodeCluster,
     free_port,

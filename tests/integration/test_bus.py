@@ -18,10 +18,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from nsync_lab.testing import BrokerProcess
 from nsync_mqtt.broker_embed import EmbeddedBroker, hash_password
 from nsync_mqtt.bus import Bus, new_paho_client, parse_broker_url
 from nsync_mqtt.errors import BrokerError
-from nsync_mqtt.testing import BrokerProcess
 
 pytestmark = pytest.mark.integration
 

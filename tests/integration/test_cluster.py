@@ -11,11 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nsync_mqtt import sinklog
-from nsync_mqtt.client import NSyncClient
-from nsync_mqtt.playlist import RATE
-from nsync_mqtt.replication import sha224_file
-from nsync_mqtt.testing import (
+from nsync_lab.testing import (
     NodeCluster,
     NodeSpec,
     ok,
@@ -24,6 +20,10 @@ from nsync_mqtt.testing import (
     unique_cluster_name,
     wait_for,
 )
+from nsync_mqtt import sinklog
+from nsync_mqtt.client import NSyncClient
+from nsync_mqtt.playlist import RATE
+from nsync_mqtt.replication import sha224_file
 
 pytestmark = pytest.mark.integration
 

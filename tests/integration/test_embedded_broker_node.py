@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from nsync_lab.testing import NodeCluster, NodeSpec, free_port
 from nsync_mqtt.client import NSyncClient
 from nsync_mqtt.errors import BrokerError
-from nsync_mqtt.testing import NodeCluster, NodeSpec, free_port
 
 pytestmark = pytest.mark.integration
 

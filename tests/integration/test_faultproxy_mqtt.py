@@ -12,9 +12,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+from nsync_lab.faultproxy import FaultProxy
+from nsync_lab.testing import MOSQUITTO, BrokerProcess
 from nsync_mqtt.bus import BrokerURL, new_paho_client
-from nsync_mqtt.faultproxy import FaultProxy
-from nsync_mqtt.testing import MOSQUITTO, BrokerProcess
 
 pytestmark = [
     pytest.mark.integration,

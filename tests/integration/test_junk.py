@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from nsync_lab.testing import NodeCluster, RawClient, Watcher, ok, wait_for
 from nsync_mqtt.client import NSyncClient
 from nsync_mqtt.messages import Topics, encode_chunk
-from nsync_mqtt.testing import NodeCluster, RawClient, Watcher, ok, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from nsync_mqtt.faultproxy import FaultProxy
-from nsync_mqtt.testing import (
+from nsync_lab.faultproxy import FaultProxy
+from nsync_lab.testing import (
     BrokerProcess,
     NodeCluster,
     NodeSpec,

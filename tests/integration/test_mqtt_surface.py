@@ -14,9 +14,7 @@ from typing import Any
 
 import pytest
 
-from nsync_mqtt.bus import new_paho_client, parse_broker_url
-from nsync_mqtt.client import NSyncClient
-from nsync_mqtt.testing import (
+from nsync_lab.testing import (
     REPLY_KEYS,
     NodeCluster,
     RawClient,
@@ -27,6 +25,8 @@ from nsync_mqtt.testing import (
     tone_file,
     wait_for,
 )
+from nsync_mqtt.bus import new_paho_client, parse_broker_url
+from nsync_mqtt.client import NSyncClient
 from nsync_mqtt.tones import make_tone_wav
 
 pytestmark = pytest.mark.integration

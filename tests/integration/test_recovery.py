@@ -12,12 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from nsync_mqtt import sinklog
-from nsync_mqtt.faultproxy import FaultProxy
-from nsync_mqtt.node import BROKER_FAILOVER_GRACE_S
-from nsync_mqtt.playlist import RATE
-from nsync_mqtt.replication import sha224_file
-from nsync_mqtt.testing import (
+from nsync_lab.faultproxy import FaultProxy
+from nsync_lab.testing import (
     BrokerProcess,
     NodeCluster,
     NodeSpec,
@@ -28,6 +24,10 @@ from nsync_mqtt.testing import (
     unique_cluster_name,
     wait_for,
 )
+from nsync_mqtt import sinklog
+from nsync_mqtt.node import BROKER_FAILOVER_GRACE_S
+from nsync_mqtt.playlist import RATE
+from nsync_mqtt.replication import sha224_file
 from nsync_mqtt.timing import Timing
 
 pytestmark = pytest.mark.integration

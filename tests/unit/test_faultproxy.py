@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from nsync_mqtt.faultproxy import FaultProxy
-from nsync_mqtt.testing import free_port, wait_for
+from nsync_lab.faultproxy import FaultProxy
+from nsync_lab.testing import free_port, wait_for
 
 TIMEOUT_S = 2.0
 

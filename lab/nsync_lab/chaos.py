@@ -35,14 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from nsync_mqtt import sinklog
-from nsync_mqtt.client import NSyncClient
-from nsync_mqtt.faultproxy import FaultProxy
-from nsync_mqtt.messages import Topics
-from nsync_mqtt.persist import Durable
-from nsync_mqtt.playlist import RATE, playlist_hash
-from nsync_mqtt.replication import sha224_file
-from nsync_mqtt.testing import (
+from nsync_lab.faultproxy import FaultProxy
+from nsync_lab.testing import (
     BrokerProcess,
     NodeCluster,
     NodeSpec,
@@ -54,6 +48,12 @@ from nsync_mqtt.testing import (
     tone_file,
     unique_cluster_name,
 )
+from nsync_mqtt import sinklog
+from nsync_mqtt.client import NSyncClient
+from nsync_mqtt.messages import Topics
+from nsync_mqtt.persist import Durable
+from nsync_mqtt.playlist import RATE, playlist_hash
+from nsync_mqtt.replication import sha224_file
 from nsync_mqtt.timing import Timing
 
 KINDS = ("kill_master", "kill_f", "stop", "cut", "delay", "kill_broker")

@@ -15,7 +15,6 @@ import contextlib
 import itertools
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from nsync_mqtt.bus import new_paho_client, parse_broker_url
 from nsync_mqtt.client import NSyncClient
 from nsync_mqtt.clock import FakeClock
 from nsync_mqtt.messages import Topics
+from nsync_mqtt.ports import free_port, port_open
 from nsync_mqtt.tones import make_tone_wav
 
 __all__ = [
@@ -60,22 +60,6 @@ MOSQUITTO = Path("/usr/sbin/mosquitto")
 BROKER_KINDS = ("amqtt", "mosquitto")
 BROKER_START_TIMEOUT_S = 10.0
 REPLY_KEYS = frozenset({"success", "command", "params", "msg", "client_req_id"})
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_open(port: int) -> bool:
-    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 def wait_port(
