@@ -19,7 +19,7 @@ import signal
 import time
 from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from nsync_mqtt import audio, wire
@@ -29,6 +29,7 @@ from nsync_mqtt.clock import SimClock
 from nsync_mqtt.config import NodeConfig, parse_host_port
 from nsync_mqtt.errors import CommandError, NSyncError, ProtocolError
 from nsync_mqtt.guard import Faults, LoopWatchdog, forever, log_tasks
+from nsync_mqtt.master import Commits
 from nsync_mqtt.messages import (
     Message,
     Topics,
@@ -136,16 +137,6 @@ class Request:
     note: str = "ok"  # the message of its success reply
 
 
-@dataclass
-class PendingAck:
-    """An index of the master's term waiting for f+1 nodes to hold it, and the clients whose
-    replies wait for it."""
-
-    deadline: float
-    requests: list[Request] = field(default_factory=list)
-    failures: dict[str, str] = field(default_factory=dict)
-
-
 def parse_command(verb: str, payload: bytes) -> Request:
     """Decode a command payload: empty, a plain value, or a JSON object."""
     text = payload.decode("utf-8", errors="strict").strip() if payload else ""
@@ -237,10 +228,7 @@ class Node:
         self._transfer_wake = asyncio.Event()
         self._scheduled: tuple[Any, ...] | None = None
         # master duties
-        self.pending: dict[int, PendingAck] = {}  # index (of this term) -> who waits for it
-        self.match: dict[str, int] = {}  # node -> highest index of this term it holds
-        self.commit_index = 0  # highest index of this term held by f+1 nodes
-        self._own_durable = 0  # highest index on this master's own disk
+        self.commits: Commits[Request] = Commits(self.majority, self.timing.ack_timeout_s)
         self.holders: dict[str, set[str]] = {}
         self.node_info: dict[str, PeerState] = {}
         self.last_seen: dict[str, float] = {}
@@ -476,9 +464,7 @@ class Node:
             self.state = replace(self.state, playback=replace(pb, at=self.est.to_local(pb.at)))
         self.est.reset()
         self._fail_pending("a new master took over before f+1 nodes acknowledged")
-        self.match.clear()
-        self.commit_index = 0
-        self._own_durable = self.state.index
+        self.commits = Commits(self.majority, self.timing.ack_timeout_s, self.state.index)
         self.finished.clear()
         self.recovering = False
         self._published.clear()
@@ -634,49 +620,26 @@ class Node:
             return
         self.last_seen[msg.src] = now
         if not ack.ok:
-            for pending in self.pending.values():
-                pending.failures[msg.src] = ack.msg
+            self.commits.refused(msg.src, ack.msg)
             return
-        index = ack.index
-        if ack.log_term != self.election.term or index is None:
+        if ack.log_term != self.election.term or ack.index is None:
             return  # holds operations of this term only up to an older one: counts for nothing
-        if index > self.match.get(msg.src, 0):
-            self.match[msg.src] = min(index, self.state.index)
-            self._advance_commit()
+        self._answer(self.commits.ack(msg.src, ack.index, self.state.index))
 
-    def _held_by(self, index: int) -> int:
-        """How many nodes hold ``index`` of this term on disk, this master included."""
-        own = 1 if index <= self._own_durable else 0
-        return own + sum(1 for m in self.match.values() if m >= index)
-
-    def _advance_commit(self) -> None:
-        """Answer the clients whose operations f+1 nodes now hold (in index order)."""
-        for index in sorted(self.pending):
-            if self._held_by(index) < self.majority:
-                break
-            pending = self.pending.pop(index)
-            self.commit_index = max(self.commit_index, index)
-            for req in pending.requests:
-                self._reply_ok(req, req.note)
+    def _answer(self, requests: list[Request]) -> None:
+        """Success to the clients whose operations f+1 nodes now hold."""
+        for req in requests:
+            self._reply_ok(req, req.note)
 
     def _wait_commit(self, req: Request, note: str) -> None:
         """Answer ``req`` with success once f+1 nodes hold what this master holds now (at
         once if they already do)."""
         req.note = note
-        index = self.state.index
-        if index <= self.commit_index or self._held_by(index) >= self.majority:
-            self._reply_ok(req, note)
-            return
-        pending = self.pending.get(index)
-        if pending is None:
-            pending = self.pending[index] = PendingAck(self.clock.now() + self.timing.ack_timeout_s)
-        pending.requests.append(req)
+        self._answer(self.commits.wait(self.clock.now(), self.state.index, req))
 
     def _fail_pending(self, why: str) -> None:
-        pending, self.pending = self.pending, {}
-        for p in pending.values():
-            for req in p.requests:
-                self._reply(req, False, why)
+        for req in self.commits.drop():
+            self._reply(req, False, why)
 
     def _check_isolation(self, now: float) -> None:
         """No master, and no election can succeed (fewer than f+1 nodes reachable, this one
@@ -1218,9 +1181,7 @@ class Node:
     def _commit(self, new: PlayerState, op: dict[str, Any], req: Request | None) -> None:
         """Apply ``new`` (made by ``op``) here, send ``op`` to the speakers, and answer ``req``
         once f+1 nodes hold it."""
-        self.pending[new.index] = PendingAck(
-            self.clock.now() + self.timing.ack_timeout_s, [req] if req is not None else []
-        )
+        self.commits.sent(self.clock.now(), new.index, req)
         self._send("op", op=op)
         old = self._assign_state(new)
         term = self.election.term
@@ -1231,26 +1192,20 @@ class Node:
             # handler returns: the speakers' round trip overlaps the fsync and the sink.
             self._persist()
             if self.is_master and self.election.term == term:
-                self._own_durable = max(self._own_durable, new.index)
-                self._advance_commit()
+                self._answer(self.commits.saved(new.index))
             self._state_changed(old)
 
         self._soon(own_part)
 
     def _expire_acks(self, now: float) -> None:
-        for index, p in list(self.pending.items()):
-            if now >= p.deadline:
-                del self.pending[index]
-                got = self._held_by(index)
-                why = "; ".join(f"{n}: {m}" for n, m in p.failures.items())
-                for req in p.requests:
-                    self._reply(
-                        req,
-                        False,
-                        f"applied on the master but only {got} of {self.majority} nodes "
-                        f"acknowledged in {self.timing.ack_timeout_s:g} s"
-                        + (f" ({why})" if why else ""),
-                    )
+        for failed in self.commits.expire(now):
+            why = "; ".join(f"{n}: {m}" for n, m in failed.reasons)
+            self._reply(
+                failed.request,
+                False,
+                f"applied on the master but only {failed.held_by} of {self.majority} nodes "
+                f"acknowledged in {self.timing.ack_timeout_s:g} s" + (f" ({why})" if why else ""),
+            )
 
     def _reply_ok(self, req: Request, msg: str) -> None:
         self._reply(req, True, msg)
