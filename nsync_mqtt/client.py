@@ -27,7 +27,7 @@ import paho.mqtt.client as mqtt
 
 from nsync_mqtt.bus import new_paho_client, parse_broker_url
 from nsync_mqtt.errors import BrokerError
-from nsync_mqtt.messages import HASH_RE, Topics, encode_chunk
+from nsync_mqtt.messages import HASH_RE, Topics, encode_chunk, reply_object
 from nsync_mqtt.replication import DEFAULT_CHUNK_SIZE, Manifest, chunk_header, sha224_file
 
 Reply = dict[str, Any]
@@ -35,13 +35,7 @@ Progress = Callable[[int, int], None]  # (bytes sent, bytes to send)
 
 
 def failure(command: str, params: Any, msg: str, req_id: Any = None) -> Reply:
-    return {
-        "success": False,
-        "command": command,
-        "params": params,
-        "msg": msg,
-        "client_req_id": req_id,
-    }
+    return reply_object(False, command, params, msg, req_id)
 
 
 class NSyncClient:

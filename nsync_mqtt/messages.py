@@ -28,6 +28,21 @@ def is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def reply_object(
+    success: bool, command: str, params: Any, msg: str, client_req_id: Any = None, **extra: Any
+) -> dict[str, Any]:
+    """The reply to a client command (the NSync paper's): ``success``, ``command``, ``params``,
+    ``msg``, ``client_req_id``, and any ``extra`` fields (``status`` adds ``state``)."""
+    return {
+        "success": success,
+        "command": command,
+        "params": params,
+        "msg": msg,
+        "client_req_id": client_req_id,
+        **extra,
+    }
+
+
 def check_id(value: object, what: str = "id") -> str:
     if not isinstance(value, str) or not ID_RE.fullmatch(value):
         raise ProtocolError(f"{what} must match [a-z0-9_-]+ (1-64 chars), got {value!r}")

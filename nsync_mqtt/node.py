@@ -37,6 +37,7 @@ from nsync_mqtt.messages import (
     decode_chunk,
     encode,
     encode_chunk,
+    reply_object,
 )
 from nsync_mqtt.persist import Durable, StateFile
 from nsync_mqtt.playlist import (
@@ -114,14 +115,7 @@ TRANSFER_ACK_TIMEOUT_S = 2.0  # a chunk the broker has not taken by then no long
 def make_reply(
     success: bool, command: str, params: Any, msg: str, client_req_id: Any = None, **extra: Any
 ) -> bytes:
-    obj = {
-        "success": success,
-        "command": command,
-        "params": params,
-        "msg": msg,
-        "client_req_id": client_req_id,
-    }
-    obj.update(extra)
+    obj = reply_object(success, command, params, msg, client_req_id, **extra)
     return json.dumps(obj, separators=(",", ":")).encode()
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from nsync_mqtt.errors import ProtocolError
-from nsync_mqtt.messages import check_id
+from nsync_mqtt.messages import check_id, is_int
 from nsync_mqtt.playlist import PlayerState
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class Durable:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ProtocolError("not a durable-state document of a known format")
         term = d.get("term")
-        if not isinstance(term, int) or isinstance(term, bool) or term < 0:
+        if not is_int(term) or term < 0:
             raise ProtocolError("term must be a non-negative integer")
         voted_for = d.get("voted_for")
         if voted_for is not None:
@@ -60,7 +60,7 @@ class Durable:
         if (
             not isinstance(last, list)
             or len(last) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in last)
+            or not all(is_int(x) and x >= 0 for x in last)
         ):
             raise ProtocolError("last_log must be [term, index]")
         at = d.get("last_log_at")  # absent in files written before it was kept

@@ -576,7 +576,7 @@ class SongStore:
         """
         manifest = Manifest.from_dict(header, self.max_song_bytes)
         index = header.get("index")
-        if not isinstance(index, int) or isinstance(index, bool):
+        if not _is_int(index):
             raise ProtocolError(f"chunk header field 'index' must be an integer, got {index!r}")
         song = manifest.song
         if self.has(song):
