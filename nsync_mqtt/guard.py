@@ -14,14 +14,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import logging
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from nsync_mqtt.errors import NSyncError
@@ -65,14 +64,6 @@ class Faults:
                 "%s failed%s, and goes on: %r", where, times, err, exc_info=err if n == 1 else None
             )
         return n
-
-    @contextlib.contextmanager
-    def guard(self, where: str) -> Iterator[None]:
-        """Run a block; an exception in it is recorded and swallowed (not cancellation)."""
-        try:
-            yield
-        except Exception as err:
-            self.record(where, err)
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:

@@ -16,7 +16,6 @@ tick, a step-down) and answers the requests each call returns.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -105,9 +104,6 @@ class Commits(Generic[R]):
         self._waiting.clear()
         self._refusals.clear()
         return requests
-
-    def waiting(self) -> Iterable[int]:
-        return sorted(self._waiting)
 
     def _advance(self) -> list[R]:
         done: list[R] = []

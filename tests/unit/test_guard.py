@@ -37,15 +37,6 @@ def test_faults_count_by_where_and_type_and_log_at_powers_of_ten(
     assert refused.levelno == logging.WARNING and refused.exc_info is None
 
 
-def test_guard_swallows_and_counts_but_not_cancellation() -> None:
-    faults = Faults()
-    with faults.guard("sink thread"):
-        raise OSError("device busy")
-    assert faults.snapshot() == {"sink thread/OSError": 1}
-    with pytest.raises(asyncio.CancelledError), faults.guard("x"):
-        raise asyncio.CancelledError
-
-
 def test_a_loop_run_forever_survives_a_failing_turn() -> None:
     faults = Faults()
     turns: list[int] = []
