@@ -28,7 +28,8 @@ class SimDisk:
     def __init__(self) -> None:
         self._names: dict[str, int] = {}  # visible directory
         self._dnames: dict[str, int] = {}  # durable directory
-        self._dir_log: list[tuple[str, int | None]] = []  # unsynced directory changes, in order
+        # unsynced directory changes, in order: (name removed, name added, its inode)
+        self._dir_log: list[tuple[str | None, str | None, int]] = []
         self._data: dict[int, bytes] = {}  # visible contents
         self._ddata: dict[int, bytes] = {}  # durable contents
         self._dirty: dict[int, str] = {}  # unsynced content: "append" (appends only) or "write"
@@ -58,7 +59,7 @@ class SimDisk:
             self._next_inode += 1
             self._names[name] = inode
             self._data[inode] = b""
-            self._dir_log.append((name, inode))
+            self._dir_log.append((None, name, inode))
         return inode
 
     def write(self, name: str, data: bytes) -> None:
@@ -99,13 +100,13 @@ class SimDisk:
         except KeyError:
             raise FileNotFoundError(tmp) from None
         self._names[name] = inode
-        self._dir_log.append((tmp, None))
-        self._dir_log.append((name, inode))
+        self._dir_log.append((tmp, name, inode))
 
     def remove(self, name: str) -> None:
-        if self._names.pop(name, None) is None:
+        inode = self._names.pop(name, None)
+        if inode is None:
             raise FileNotFoundError(name)
-        self._dir_log.append((name, None))
+        self._dir_log.append((name, None, inode))
 
     # --- crashing -----------------------------------------------------------------------
 
@@ -114,11 +115,11 @@ class SimDisk:
         self.crashes += 1
         names = dict(self._dnames)
         keep = rng.randint(0, len(self._dir_log)) if rng is not None else 0
-        for name, inode in self._dir_log[:keep]:
-            if inode is None:
-                names.pop(name, None)
-            else:
-                names[name] = inode
+        for gone, added, inode in self._dir_log[:keep]:
+            if gone is not None:
+                names.pop(gone, None)
+            if added is not None:
+                names[added] = inode
         data: dict[int, bytes] = {}
         for inode in sorted(set(names.values())):
             durable = self._ddata.get(inode, b"")
