@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from nsync_lab.sim import BrokerUnavailable, Conn, SimBroker, Will, World, topic_matches
@@ -29,9 +31,9 @@ class Client:
         return [g[2] for g in self.got]
 
 
-def setup(seed: int = 1, **kw: object) -> tuple[World, SimBroker]:
+def setup(seed: int = 1, **kw: Any) -> tuple[World, SimBroker]:
     w = World(seed)
-    return w, SimBroker(w, **kw)  # type: ignore[arg-type]
+    return w, SimBroker(w, **kw)
 
 
 @pytest.mark.parametrize(
