@@ -25,9 +25,9 @@ from nsync_lab.testing import (
     wait_for,
 )
 from nsync_mqtt import sinklog
-from nsync_mqtt.node import BROKER_FAILOVER_GRACE_S
 from nsync_mqtt.playlist import RATE
 from nsync_mqtt.replication import sha224_file
+from nsync_mqtt.speaker import BROKER_FAILOVER_GRACE_S
 from nsync_mqtt.timing import Timing
 
 pytestmark = pytest.mark.integration

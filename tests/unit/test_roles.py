@@ -1,0 +1,226 @@
+"""The node's pure roles (speaker.Speaker, master.Master) driven by hand: literal times, a
+synchronous in-test message router, no sockets, no disk, no threads."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import deque
+from typing import Any
+
+import pytest
+
+from nsync_lab.memlib import MemoryLibrary
+from nsync_mqtt.effects import PLAY, Effects, Publish
+from nsync_mqtt.messages import Topics, decode, encode
+from nsync_mqtt.persist import Durable
+from nsync_mqtt.speaker import Speaker
+from nsync_mqtt.timing import Timing
+
+SONG = "a" * 56
+TOPICS = Topics("t")
+PEERS = ["a", "b", "c"]
+
+
+def make(node: str, lib: MemoryLibrary | None = None, now: float = 0.0) -> Speaker:
+    lib = lib or MemoryLibrary()
+    lib.add(SONG, seconds=30.0, title="Song A")
+    return Speaker(
+        node,
+        PEERS,
+        "t",
+        Timing(),
+        lib,
+        random.Random(node),
+        now,
+        Durable(),
+        chunk_size=1024,
+        max_song_bytes=10 << 20,
+        wall=lambda: 1.7e9,
+    )
+
+
+class Net:
+    """Delivers every internal message at once, in order; records the rest."""
+
+    def __init__(self, nodes: dict[str, Speaker]) -> None:
+        self.nodes = nodes
+        self.public: list[Publish] = []
+        self.persists: dict[str, int] = dict.fromkeys(nodes, 0)
+        self.now = 0.0
+        self.held: set[str] = set()  # nodes whose internal messages in are dropped
+
+    def run(self, node: str, eff: Effects) -> None:
+        queue: deque[tuple[str, Effects]] = deque([(node, eff)])
+        while queue:
+            src, e = queue.popleft()
+            out = list(e.early)
+            if e.persist:
+                self.persists[src] += 1
+                saved = self.nodes[src].persisted(self.now)
+                out += e.out
+                queue.append((src, saved))
+            else:
+                out += e.out
+            for p in out:
+                queue.extend(self._route(src, p))
+
+    def _route(self, src: str, p: Publish) -> list[tuple[str, Effects]]:
+        base = TOPICS.internal("")
+        if not p.topic.startswith(base) or p.topic.startswith(base + "xfer/"):
+            self.public.append(p)
+            return []
+        name = p.topic[len(base) :]
+        targets = [name[3:]] if name.startswith("to/") else [n for n in self.nodes if n != src]
+        return [
+            (t, self.nodes[t].step(self.now, p.payload))
+            for t in targets
+            if t in self.nodes and t not in self.held
+        ]
+
+    def replies(self, reply_to: str) -> list[dict[str, Any]]:
+        topic = TOPICS.reply(reply_to)
+        return [json.loads(p.payload) for p in self.public if p.topic == topic]
+
+    def elect(self, node: str) -> None:
+        """Let ``node``'s election timeout fire first and carry the election through."""
+        sp = self.nodes[node]
+        for _ in range(4):
+            self.now = sp.election.deadline() + 0.001
+            self.run(node, sp.election_tick(self.now))
+            if sp.master is not None:
+                return
+        raise AssertionError(f"{node} did not become master")
+
+
+@pytest.fixture
+def net() -> Net:
+    n = Net({p: make(p) for p in PEERS})
+    n.elect("a")
+    return n
+
+
+def command(net: Net, verb: str, body: dict[str, Any]) -> Effects:
+    master = net.nodes["a"].master
+    assert master is not None
+    return master.command(net.now, verb, json.dumps({"reply_to": "cli", **body}).encode())
+
+
+def test_an_elected_master_starts_its_term_with_an_operation_every_node_holds(net: Net) -> None:
+    a = net.nodes["a"]
+    assert a.master is not None and [n.master is None for n in net.nodes.values()].count(True) == 2
+    assert {n.state.last for n in net.nodes.values()} == {(a.term, 1)}
+    assert a.master.commits.commit_index == 1
+    status = [p.payload for p in net.public if p.topic == TOPICS.status]
+    assert status[-1] == b"online"
+
+
+def test_the_master_sends_its_operation_before_its_save_and_answers_after_f_plus_1(
+    net: Net,
+) -> None:
+    a = net.nodes["a"]
+    eff = command(net, "enqueue", {"song": SONG})
+    assert [decode(p.payload).type for p in eff.early] == ["op"] and eff.persist
+    assert net.replies("cli") == []  # nothing answered before anything is saved
+    net.held = {"b", "c"}  # no speaker hears the op: the master's own save is not enough
+    net.run("a", eff)
+    assert net.replies("cli") == [] and a.state.playlist == (SONG,)
+    net.held = set()
+    b = net.nodes["b"]
+    eff_b = b.step(net.now, eff.early[0].payload)
+    # a speaker saves before it acknowledges: the ack is in `out`, never in `early`
+    assert eff_b.persist and eff_b.early == []
+    assert [decode(p.payload).type for p in eff_b.out] == ["ack"]
+    net.run("b", eff_b)
+    (reply,) = net.replies("cli")
+    assert reply["success"] and reply["command"] == "enqueue"
+
+
+def test_a_speaker_schedules_its_sink_only_after_calibration(net: Net) -> None:
+    net.run("a", command(net, "enqueue", {"song": SONG}))
+    eff = command(net, "play", {})
+    net.run("a", eff)
+    b = net.nodes["b"]
+    assert b.state.playback.state == "playing" and not b.est.calibrated
+    # pings and pongs calibrate the estimate: the pending schedule goes to the sink then
+    plans = []
+    for _ in range(12):
+        net.now += 0.01
+        ping = b.ping(net.now)
+        (p,) = ping.out
+        pong = net.nodes["a"].step(net.now + 0.0005, p.payload, rx=net.now + 0.0005)
+        got = b.step(net.now + 0.001, pong.out[0].payload, rx=net.now + 0.001)
+        if got.sink is not None:
+            plans.append(got.sink)
+    assert b.est.calibrated and [p.action for p in plans] == [PLAY]
+    assert plans[0].song == SONG and plans[0].frame == 0
+
+
+def test_a_higher_term_deposes_the_master_and_its_waiting_clients_hear_it(net: Net) -> None:
+    a = net.nodes["a"]
+    net.held = {"b", "c"}
+    net.run("a", command(net, "volume", {"arg": 30}))  # waits for acks that never come
+    other = "e" * 56
+    load = {"song": other, "size": 5000, "chunk_size": 1024}
+    net.run("a", command(net, "load", load))  # waits for the client's chunks
+    xfer = [p for p in net.public if p.topic == TOPICS.internal("xfer/cli")]
+    assert json.loads(xfer[-1].payload) == {"song": other, "missing": [0, 1, 2, 3, 4]}
+    assert net.replies("cli") == []
+    vote_req = encode("vote_req", "b", a.term + 5, last_log=[a.term, a.state.index])
+    eff = a.step(net.now, vote_req)
+    net.run("a", eff)
+    assert a.master is None and a.term == net.nodes["a"].election.term
+    assert eff.persist  # the new term is saved before anything is sent in it
+    replies = {r["command"]: r for r in net.replies("cli")}
+    assert set(replies) == {"volume", "load"} and not any(r["success"] for r in replies.values())
+    assert "stepped down before f+1 nodes acknowledged" in replies["volume"]["msg"]
+    assert "load again to resume" in replies["load"]["msg"]
+
+
+def test_a_load_waits_for_the_bytes_then_for_f_plus_1_holders(net: Net) -> None:
+    a = net.nodes["a"]
+    new = "f" * 56
+    net.run("a", command(net, "load", {"song": new, "size": 2048, "chunk_size": 1024}))
+    assert net.replies("cli") == []
+    lib = a.lib
+    assert isinstance(lib, MemoryLibrary)
+    lib.add(new, size=2048, title="New")
+    net.run("a", a.song_arrived(net.now, new))
+    assert net.replies("cli") == []  # held by the master alone
+    net.run("a", a.node_state(net.now, "b", _peer_state([SONG, new])))
+    (reply,) = net.replies("cli")
+    assert reply["success"] and reply["msg"] == "loaded New on 2 nodes"
+
+
+def test_a_load_whose_client_goes_quiet_fails_after_the_idle_timeout(net: Net) -> None:
+    a = net.nodes["a"]
+    net.run("a", command(net, "load", {"song": "9" * 56, "size": 3000, "chunk_size": 1024}))
+    net.now += Timing().upload_idle_timeout_s - 0.01
+    net.run("a", a.tick(net.now))
+    assert net.replies("cli") == []
+    net.now += 0.02
+    net.run("a", a.tick(net.now))
+    (reply,) = net.replies("cli")
+    assert not reply["success"] and "received 0 of 3 chunks" in reply["msg"]
+
+
+def test_junk_and_strangers_change_nothing_not_even_the_term(net: Net) -> None:
+    b = net.nodes["b"]
+    before = (b.term, b.state, b.election.master)
+    for payload in (b"{", b"[]", encode("hb", "zz", 99), encode("op", "a", 99, op={"op": "x"})):
+        eff = b.step(net.now, payload)
+        assert eff.faults and not eff.persist and not eff.out
+    assert (b.term, b.state, b.election.master) == before
+
+
+def test_commands_have_one_reply_shape_and_unknown_verbs_name_the_known_ones(net: Net) -> None:
+    net.run("a", command(net, "dance", {"client_req_id": 7}))
+    (reply,) = net.replies("cli")
+    assert set(reply) == {"success", "command", "params", "msg", "client_req_id"}
+    assert reply["client_req_id"] == 7 and not reply["success"] and "play" in reply["msg"]
+
+
+def _peer_state(songs: list[str]) -> Any:
+    from nsync_mqtt.wire import PeerState
+
+    return PeerState.parse(json.dumps({"songs": songs}).encode())
