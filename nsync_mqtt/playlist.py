@@ -442,6 +442,24 @@ class Operation:
                 raise ProtocolError("op.volume must be an integer 0-100")
         return cls(kind, term, index, prev_term, pre, post, song, playback, volume)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The operation as it travels: ``Operation.from_dict(op.to_dict()) == op``."""
+        doc: dict[str, Any] = {
+            "op": self.kind,
+            "index": self.index,
+            "term": self.term,
+            "prev_term": self.prev_term,
+            "pre": self.pre,
+            "post": self.post,
+        }
+        if self.song is not None:
+            doc["song"] = self.song
+        if self.playback is not None:
+            doc["playback"] = self.playback.to_dict()
+        if self.volume is not None:
+            doc["volume"] = self.volume
+        return doc
+
 
 def apply_op(state: PlayerState, op: Mapping[str, Any] | Operation) -> PlayerState:
     """Apply a master's operation. One this node already holds leaves the state unchanged (the
