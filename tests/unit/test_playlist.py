@@ -19,6 +19,7 @@ from nsync_mqtt.playlist import (
     RATE,
     Context,
     Mismatch,
+    Operation,
     Playback,
     PlayerState,
     StaleOp,
@@ -138,6 +139,15 @@ def test_an_operation_hashes_only_what_it_adds(monkeypatch: pytest.MonkeyPatch) 
     speaker = apply_op(speaker, op2)
     assert (master.hash, speaker.hash, op2["pre"], op2["post"]) == (op["post"],) * 4
     assert calls == [C, C]  # one link each for the master and the speaker, nothing else
+
+
+def test_an_operation_travels_as_it_came() -> None:
+    state = loaded(A)
+    for verb, arg in [("enqueue", B), ("play", None), ("volume", "7")]:
+        state, op = apply_command(state, verb, arg, ctx(1.0))
+        o = Operation.from_dict(op)
+        assert o.to_dict() == op
+        assert Operation.from_dict(json.loads(json.dumps(o.to_dict()))) == o
 
 
 def test_a_state_never_reads_a_hash_kept_for_another_playlist() -> None:
