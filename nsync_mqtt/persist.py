@@ -174,34 +174,52 @@ class StateFile:
     # ------------------------------------------------------------------ load
 
     def load(self) -> Durable:
-        """The saved state, or a fresh one. Corrupt files are set aside, never trusted."""
+        """The saved state, or a fresh one. Corrupt files are set aside, never trusted. Only
+        the node that owns the files loads them (it writes after)."""
         self._last, self._token, self._records, self._bytes = None, None, 0, 0
+        try:
+            found = self._read()
+        except (ValueError, ProtocolError, _Corrupt) as err:
+            self._set_aside(err)
+            return Durable()
+        if found is None:
+            return Durable()
+        durable, token, self._records, self._bytes = found
+        self._last = durable
+        self._token = token  # a log to go on with, or None: a snapshot first
+        return durable
+
+    def read(self) -> Durable:
+        """The saved state as :meth:`load` finds it, for a reader beside a running node (tools,
+        tests): nothing is set aside or written; ProtocolError if the files are corrupt."""
+        try:
+            found = self._read()
+        except (ValueError, _Corrupt) as err:
+            raise ProtocolError(f"durable state {self.path} is unreadable: {err}") from None
+        return Durable() if found is None else found[0]
+
+    def _read(self) -> tuple[Durable, str | None, int, int] | None:
+        """Snapshot and log replayed: the state, the token of a log to go on appending to (None
+        if the next write must be a snapshot), its records and bytes; None: no snapshot."""
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
             if self.log_path.exists():
                 log.warning("%s has no snapshot beside it: ignored", self.log_path)
-            return Durable()
-        try:
-            doc = json.loads(raw)
-            durable = Durable.from_dict(doc)
-            token = doc.get("log") if doc.get("format") == 2 else None
-            if token is not None and not isinstance(token, str):
-                raise ProtocolError("log must be a string")
-            durable, valid = self._replay(durable, token)
-        except (ValueError, ProtocolError, _Corrupt) as err:
-            self._set_aside(err)
-            return Durable()
-        self._last = durable
-        self._token = token if valid else None  # a log to go on with, or a snapshot first
-        return durable
+            return None
+        doc = json.loads(raw)
+        durable = Durable.from_dict(doc)
+        token = doc.get("log") if doc.get("format") == 2 else None
+        if token is not None and not isinstance(token, str):
+            raise ProtocolError("log must be a string")
+        return self._replay(durable, token)
 
-    def _replay(self, durable: Durable, token: str | None) -> tuple[Durable, bool]:
-        """``durable`` with the log's records replayed, and whether appending may go on."""
+    def _replay(self, durable: Durable, token: str | None) -> tuple[Durable, str | None, int, int]:
+        """``durable`` with the log's records replayed (see :meth:`_read`)."""
         try:
             raw = self.log_path.read_bytes()
         except FileNotFoundError:
-            return durable, False
+            return durable, None, 0, 0
         *lines, tail = raw.split(b"\n")
         torn = bool(tail)  # a write cut short after its last newline
         records: list[dict[str, Any]] = []
@@ -222,12 +240,12 @@ class StateFile:
                 log.info(
                     "%s is not the log of the snapshot (it predates it): ignored", self.log_path
                 )
-                return durable, False
+                return durable, None, 0, 0
             if not isinstance(rec, dict):
                 raise _Corrupt(f"{self.log_path} line {n + 1} is not an object")
             records.append(rec)
         if not records:
-            return durable, False  # nothing written yet, or the header itself was cut short
+            return durable, None, 0, 0  # nothing written yet, or the header itself was cut short
         for n, rec in enumerate(records[1:], start=2):
             try:
                 durable = _apply_record(durable, rec)
@@ -235,9 +253,8 @@ class StateFile:
                 raise _Corrupt(f"{self.log_path} line {n}: {err}") from None
         if torn:
             log.warning("%s ends in a write cut short by a crash: ignored", self.log_path)
-            return durable, False  # not appended to: the next write starts a new log
-        self._records, self._bytes = len(records) - 1, len(raw)
-        return durable, True
+            return durable, None, 0, 0  # not appended to: the next write starts a new log
+        return durable, token, len(records) - 1, len(raw)
 
     def _set_aside(self, err: Exception) -> None:
         aside = self.path.with_suffix(".corrupt")

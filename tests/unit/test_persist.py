@@ -378,3 +378,19 @@ def test_a_log_without_its_snapshot_is_not_trusted(tmp_path: Path) -> None:
     node.run(2)
     (tmp_path / "state.json").unlink()
     assert reloaded(tmp_path) == Durable()
+
+
+def test_a_reader_beside_the_node_sees_the_log_and_sets_nothing_aside(tmp_path: Path) -> None:
+    f = fresh(tmp_path)
+    f.load()
+    node = Node(f)
+    f.save(node.d)
+    node.run(3)
+    assert fresh(tmp_path).read() == node.d
+    node.append("volume", "+2")  # the writer goes on: a reader wrote nothing
+    assert fresh(tmp_path).read() == node.d
+    log_path = tmp_path / "oplog.jsonl"
+    log_path.write_bytes(b"junk\n" + log_path.read_bytes())
+    with pytest.raises(ProtocolError):
+        fresh(tmp_path).read()
+    assert log_path.exists() and not (tmp_path / "oplog.corrupt").exists()
