@@ -34,7 +34,9 @@ A change costs one small record, whatever the playlist's length; the whole state
 only when the change cannot be told as a record (a playlist that is not the last one plus songs
 at the end: a sync from a master that held another one), and when the log reaches
 ``compact_records`` records or ``compact_bytes`` bytes (the next write is then a snapshot, which
-starts an empty log). Snapshots of format 1 (written before the log existed) still load.
+starts an empty log). After an append that failed (the error is raised), after a torn tail, or
+beside a log that is not the snapshot's, the next write is a snapshot too: nothing is ever
+appended after bytes that might not be a whole record. Snapshots of format 1 (written before the log existed) still load.
 
 The node calls:
 
@@ -330,12 +332,18 @@ class StateFile:
 
     def _append(self, records: list[dict[str, Any]]) -> None:
         data = b"".join(_line(r) for r in records)
-        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND)
         try:
-            _write_all(fd, data)
-            _sync_data(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND)
+            try:
+                _write_all(fd, data)
+                _sync_data(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            # the log may now end in part of a record, or in data the disk did not keep:
+            # appending after it would bury that; the next write is a snapshot and a new log
+            self._token = None
+            raise
         self._records += len(records)
         self._bytes += len(data)
         self.records_written += len(records)

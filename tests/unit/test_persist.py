@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -394,3 +395,30 @@ def test_a_reader_beside_the_node_sees_the_log_and_sets_nothing_aside(tmp_path: 
     with pytest.raises(ProtocolError):
         fresh(tmp_path).read()
     assert log_path.exists() and not (tmp_path / "oplog.corrupt").exists()
+
+
+def test_after_a_failed_append_the_next_write_is_a_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nsync_mqtt.persist as persist
+
+    f = fresh(tmp_path)
+    f.load()
+    node = Node(f)
+    f.save(node.d)
+    node.run(2)
+    log_path = tmp_path / "oplog.jsonl"
+
+    def failing(fd: int) -> None:
+        os.write(fd, b'{"k":"op","op":{"op":"vol')  # what a full disk might leave
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(persist, "_sync_data", failing)
+    d, op = node.command("volume", "+4")
+    with pytest.raises(OSError):
+        f.append(d, op)
+    monkeypatch.undo()
+    assert f.append(d, op) is True
+    assert f.snapshots_written == 2
+    assert b"vol" not in log_path.read_bytes()
+    assert reloaded(tmp_path) == d
