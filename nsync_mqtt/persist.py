@@ -36,7 +36,8 @@ at the end: a sync from a master that held another one), and when the log reache
 ``compact_records`` records or ``compact_bytes`` bytes (the next write is then a snapshot, which
 starts an empty log). After an append that failed (the error is raised), after a torn tail, or
 beside a log that is not the snapshot's, the next write is a snapshot too: nothing is ever
-appended after bytes that might not be a whole record. Snapshots of format 1 (written before the log existed) still load.
+appended after bytes that might not be a whole record. Snapshots of format 1 (written before
+the log existed) still load.
 
 The node calls:
 
@@ -47,7 +48,11 @@ The node calls:
   makes of the last saved state it falls back to ``save(durable)``;
 - ``save(durable) -> bool`` for anything else (a vote, a new term, a sync, any change): a vote
   record, a state record or a snapshot, whichever tells the change. ``False``: nothing changed,
-  nothing written.
+  nothing written. ``save`` alone is enough (an operation then makes a state record); ``append``
+  writes the operation itself.
+
+``read() -> Durable`` gives the saved state to a reader beside a running node (tools, tests)
+without setting anything aside.
 """
 
 from __future__ import annotations
