@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -45,9 +45,24 @@ PLAYBACK_STATES = (PLAYING, PAUSED, IDLE)
 BACKWARD_RESTART_S = 3.0  # backward within this many seconds of a song's start goes to the previous
 
 
-def playlist_hash(songs: tuple[str, ...]) -> str:
-    """sha224 over the ordered song hashes: equal playlists, equal hashes."""
-    return hashlib.sha224("\n".join(songs).encode()).hexdigest()
+EMPTY_PLAYLIST_HASH = hashlib.sha224(b"").hexdigest()
+
+
+def chain_hash(before: str, song: str) -> str:
+    """The hash of a playlist whose hash was ``before``, with ``song`` appended."""
+    return hashlib.sha224(f"{before}\n{song}".encode()).hexdigest()
+
+
+def playlist_hash(songs: Iterable[str], start: str = EMPTY_PLAYLIST_HASH) -> str:
+    """The playlist hash, a chain over the ordered song hashes: the empty playlist's is
+    sha224(b"") and ``hash(playlist + [s]) = sha224(hash(playlist) + "\n" + s)`` (hex digests).
+    Equal playlists, equal hashes; an enqueue derives the new hash from the old one in O(1).
+    This is the O(n) reference: a :class:`PlayerState` keeps its playlist's hash and carries it
+    forward. ``start`` continues the chain from a known prefix's hash."""
+    h = start
+    for song in songs:
+        h = chain_hash(h, song)
+    return h
 
 
 @dataclass(frozen=True)
@@ -99,6 +114,14 @@ class PlayerState:
     volume: int = 50
     index: int = 0  # operations applied so far: the index of the last one
     term: int = 0  # the term in which the last applied operation was created
+    # (playlist, its hash), kept so that no read hashes the whole playlist again: valid only for
+    # that very playlist object. `replace()` passes it on; a new playlist object drops it, so a
+    # state built with another playlist never carries a wrong hash (see `with_songs`).
+    _hashed: tuple[tuple[str, ...], str] | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self._hashed is not None and self._hashed[0] is not self.playlist:
+            object.__setattr__(self, "_hashed", None)
 
     @property
     def last(self) -> tuple[int, int]:
@@ -107,7 +130,21 @@ class PlayerState:
 
     @property
     def hash(self) -> str:
-        return playlist_hash(self.playlist)
+        """The playlist hash (:func:`playlist_hash`), computed once per playlist and carried
+        forward by every change: O(1) per operation."""
+        if self._hashed is None:
+            object.__setattr__(self, "_hashed", (self.playlist, playlist_hash(self.playlist)))
+            assert self._hashed is not None
+        return self._hashed[1]
+
+    def with_songs(self, songs: Iterable[str], **changes: Any) -> PlayerState:
+        """This state with ``songs`` appended to the playlist (and ``changes``); the new hash
+        comes from the current one in O(len(songs))."""
+        added = tuple(songs)
+        playlist = self.playlist + added
+        return replace(
+            self, playlist=playlist, _hashed=(playlist, playlist_hash(added, self.hash)), **changes
+        )
 
     @property
     def slotted(self) -> str | None:
@@ -237,11 +274,10 @@ def apply_command(
         song = check_hash(arg)
         if song not in ctx.song_frames:
             raise SongMissing(f"song {song[:12]}… is not loaded; load it first")
-        playlist = (*state.playlist, song)
         new_pb = pb
         if pb.song is None:  # nothing slotted: the new song becomes the current one
             new_pb = replace(pb, slot=len(state.playlist), song=song, frame=0, at=None)
-        new = _next(state, ctx, playlist=playlist, playback=new_pb)
+        new = state.with_songs((song,), playback=new_pb, index=state.index + 1, term=ctx.term)
         return new, _op(state, new, "enqueue", song=song, playback=new_pb.to_dict())
 
     if verb == "play":
@@ -406,6 +442,24 @@ class Operation:
                 raise ProtocolError("op.volume must be an integer 0-100")
         return cls(kind, term, index, prev_term, pre, post, song, playback, volume)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The operation as it travels: ``Operation.from_dict(op.to_dict()) == op``."""
+        doc: dict[str, Any] = {
+            "op": self.kind,
+            "index": self.index,
+            "term": self.term,
+            "prev_term": self.prev_term,
+            "pre": self.pre,
+            "post": self.post,
+        }
+        if self.song is not None:
+            doc["song"] = self.song
+        if self.playback is not None:
+            doc["playback"] = self.playback.to_dict()
+        if self.volume is not None:
+            doc["volume"] = self.volume
+        return doc
+
 
 def apply_op(state: PlayerState, op: Mapping[str, Any] | Operation) -> PlayerState:
     """Apply a master's operation. One this node already holds leaves the state unchanged (the
@@ -433,11 +487,11 @@ def apply_op(state: PlayerState, op: Mapping[str, Any] | Operation) -> PlayerSta
     if state.hash != o.pre:
         raise Mismatch("playlist hash differs from the master's before this operation")
     if o.song is not None:  # enqueue
-        playlist = (*state.playlist, o.song)
-        if playlist_hash(playlist) != o.post:
+        new = state.with_songs((o.song,), playback=o.playback, index=index, term=term)
+        if new.hash != o.post:
             raise Mismatch("playlist hash differs from the master's after this enqueue")
         assert o.playback is not None
-        return PlayerState(playlist, o.playback, state.volume, index, term)
+        return new
     if o.playback is not None:
         pb = o.playback
         slotted = state.playlist[pb.slot] if pb.slot < len(state.playlist) else None

@@ -262,7 +262,7 @@ def test_a_restarted_cluster_remembers_its_playlist_and_terms(
 
 
 def json_state(cluster: NodeCluster, node: str) -> dict[str, object]:
-    import json
+    """The durable state ``node`` keeps on disk (snapshot and log), as a document."""
+    from nsync_mqtt.persist import StateFile
 
-    doc: dict[str, object] = json.loads((cluster.workdir / node / "state.json").read_text())
-    return doc
+    return StateFile(cluster.workdir / node / "state.json").read().to_dict()

@@ -35,6 +35,7 @@ from nsync_lab.testing import (
     unique_cluster_name,
     wait_for,
 )
+from nsync_mqtt.persist import StateFile
 
 pytestmark = pytest.mark.integration
 
@@ -55,9 +56,8 @@ X, Y = 11, 22
 
 
 def durable(workdir: Path, node: str) -> dict[str, Any]:
-    """The player state ``node`` keeps on disk."""
-    doc = json.loads((workdir / node / "state.json").read_text())
-    return dict(doc["state"])
+    """The player state ``node`` keeps on disk (snapshot and log)."""
+    return StateFile(workdir / node / "state.json").read().state.to_dict()
 
 
 def agreed_index(w: Watcher) -> int | None:

@@ -19,6 +19,7 @@ from nsync_mqtt.playlist import (
     RATE,
     Context,
     Mismatch,
+    Operation,
     Playback,
     PlayerState,
     StaleOp,
@@ -85,6 +86,75 @@ def test_playlist_hash_depends_on_order_content_and_length() -> None:
     }
     assert len(hashes) == 6
     assert all(len(h) == 56 for h in hashes)
+
+
+def test_playlist_hash_is_a_chain_over_the_songs() -> None:
+    empty = hashlib.sha224(b"").hexdigest()
+    assert playlist_hash(()) == PlayerState().hash == empty
+    one = hashlib.sha224(f"{empty}\n{A}".encode()).hexdigest()
+    assert playlist_hash((A,)) == one
+    assert playlist_hash((A, B)) == hashlib.sha224(f"{one}\n{B}".encode()).hexdigest()
+    assert playlist_hash((B,), start=one) == playlist_hash((A, B))
+
+
+def test_the_kept_hash_always_equals_the_reference() -> None:
+    """Seeded random enqueues, on the master (commands) and a speaker (operations), with other
+    commands, replaced states and round trips between: every kept hash is the O(n) one."""
+    rng = random.Random(20240611)
+    songs = [sha(f"song {i}") for i in range(12)]
+    frames = dict.fromkeys(songs, 3 * RATE)
+    master = speaker = PlayerState()
+    for step in range(400):
+        verb = rng.choice(["enqueue"] * 5 + ["play", "pause", "forward", "volume"])
+        arg = rng.choice(songs) if verb == "enqueue" else "+1" if verb == "volume" else None
+        try:
+            master, op = apply_command(master, verb, arg, ctx(float(step), frames))
+        except NSyncError:
+            continue
+        assert op["post"] == master.hash == playlist_hash(master.playlist)
+        speaker = apply_op(speaker, json.loads(json.dumps(op)))
+        assert speaker == master
+        assert speaker.hash == playlist_hash(speaker.playlist)
+        if step % 50 == 0:  # a state rebuilt from its document, or with another playlist
+            speaker = PlayerState.from_dict(speaker.to_dict())
+            assert speaker.hash == master.hash
+            other = replace(speaker, playlist=speaker.playlist[:-1])
+            assert other.hash == playlist_hash(speaker.playlist[:-1])
+    assert len(master.playlist) > 100
+
+
+def test_an_operation_hashes_only_what_it_adds(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nsync_mqtt.playlist as pl
+
+    songs = tuple(sha(f"song {i}") for i in range(1000))
+    state = PlayerState(songs)
+    assert state.hash == playlist_hash(songs)  # once, O(n), for a state built from a list
+    calls = []
+    real = pl.chain_hash
+    monkeypatch.setattr(pl, "chain_hash", lambda h, s: calls.append(s) or real(h, s))
+    frames = dict.fromkeys((*songs, C), RATE)
+    master, op = apply_command(state, "enqueue", C, ctx(0.0, frames))
+    speaker = apply_op(state, op)
+    master, op2 = apply_command(master, "play", None, ctx(1.0, frames))
+    speaker = apply_op(speaker, op2)
+    assert (master.hash, speaker.hash, op2["pre"], op2["post"]) == (op["post"],) * 4
+    assert calls == [C, C]  # one link each for the master and the speaker, nothing else
+
+
+def test_an_operation_travels_as_it_came() -> None:
+    state = loaded(A)
+    for verb, arg in [("enqueue", B), ("play", None), ("volume", "7")]:
+        state, op = apply_command(state, verb, arg, ctx(1.0))
+        o = Operation.from_dict(op)
+        assert o.to_dict() == op
+        assert Operation.from_dict(json.loads(json.dumps(o.to_dict()))) == o
+
+
+def test_a_state_never_reads_a_hash_kept_for_another_playlist() -> None:
+    state = loaded(A, B)
+    assert replace(state, playback=Playback()).hash == state.hash  # carried on
+    assert replace(state, playlist=(A,)).hash == playlist_hash((A,))
+    assert PlayerState((A, B), _hashed=((B,), playlist_hash((B,)))).hash == state.hash
 
 
 # --- enqueue ----------------------------------------------------------------------------------
