@@ -6,7 +6,8 @@ carries it out in one place and in this order:
 
 1. ``early``: messages that may leave before the durable state is saved (the master's new
    operation: the speakers' round trip overlaps the master's fsync);
-2. ``persist``: save the node's durable state (``Speaker.durable()``); then tell the role
+2. ``persist``: save the node's durable state (``Speaker.durable()``; with ``op``, the save
+   appends that operation to the log instead of rewriting the state); then tell the role
    ``Speaker.persisted(now)`` (the master counts its own copy of an operation only then);
 3. ``out``: messages that promise what was saved (an ack, a vote, a reply), in order;
 4. ``sink``, ``attach``, ``decode``, ``chunks``, ``remove``, ``evict_keep``: the rest.
@@ -17,7 +18,11 @@ a file or a thread, and read no clock.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+from nsync_mqtt.playlist import Operation
 
 PLAY, STOP, HOLD = "play", "stop", "hold"
 
@@ -66,6 +71,7 @@ class Decode:
 class Effects:
     early: list[Publish] = field(default_factory=list)
     persist: bool = False
+    op: Mapping[str, Any] | Operation | None = None  # the operation this save adds, if one
     out: list[Publish] = field(default_factory=list)
     sink: SinkPlan | None = None
     attach: list[str] = field(default_factory=list)  # a decoded song for the sink playing it

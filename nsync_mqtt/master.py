@@ -351,7 +351,7 @@ class Master:
         self.commits.sent(now, new.index, req)
         eff.early.append(sp._msg("op", "op", {"op": op}))
         old = sp.assign_state(new)
-        eff.persist = True
+        eff.persist, eff.op = True, op
         sp.state_changed(now, eff, old)
 
     def saved(self, now: float, eff: Effects) -> None:

@@ -300,7 +300,10 @@ class Node:
         saved = None
         if eff.persist:
             # term, vote and player state on disk before anything that promises them goes out
-            self.state_file.save(self.core.durable())
+            if eff.op is not None:
+                self.state_file.append(self.core.durable(), eff.op)  # one line, not the state
+            else:
+                self.state_file.save(self.core.durable())
             saved = self.core.persisted(self.clock.now())
         for p in eff.out:
             self.bus.publish(p.topic, p.payload, retain=p.retain)

@@ -296,7 +296,7 @@ class Speaker:
             self._ack(eff, msg.src)
             return
         old = self.assign_state(new)
-        eff.persist = True
+        eff.persist, eff.op = True, op
         self._ack(eff, msg.src)  # the promise is the durable state: the sink comes after
         self.state_changed(now, eff, old)
 
