@@ -169,11 +169,7 @@ class Node:
             "prevote_req",
             "op",
             "offer",
-            f"to/{self.cfg.id}",
-            "ping",
-            "ack",
-            "sync_req",
-            "finished",
+            f"to/{self.cfg.id}",  # ping, ack, sync_req, finished to the master; vote, sync, ...
             "want",
         ]
         subs: list[tuple[str, Callable[[str, bytes, bool], None]]] = [

@@ -189,6 +189,15 @@ class Speaker:
     def send_to(self, eff: Effects, node: str, type_: str, **body: Any) -> None:
         eff.out.append(self._msg(f"to/{node}", type_, body))
 
+    def send_master(self, eff: Effects, type_: str, master: str | None = None, **body: Any) -> None:
+        """To the master alone (``master``, or the one this node follows), on its ``to/`` topic;
+        broadcast when no master is known."""
+        master = master or self.election.master
+        if master is None:
+            self.send(eff, type_, **body)
+        else:
+            self.send_to(eff, master, type_, **body)
+
     def _msg(self, name: str, type_: str, body: dict[str, Any]) -> Publish:
         payload = encode(type_, self.id, self.election.term, **body)
         return Publish(self.topics.internal(name), payload)
@@ -222,6 +231,8 @@ class Speaker:
             handler(now, eff, msg, body, now if rx is None else rx)
         except ProtocolError as err:
             eff.faults.append((f"bad {msg.type} message", err))
+        except Exception as err:  # a bug: counted, and what was decided so far is carried out
+            eff.faults.append((f"{msg.type} handler", err))
         return eff
 
     def _hb(self, now: float, eff: Effects, msg: Message, hb: wire.Heartbeat, rx: float) -> None:
@@ -304,10 +315,12 @@ class Speaker:
         """Tell ``master`` the last operation this node holds (on disk): it holds every one
         before it too."""
         last_term, index = self.state.last
-        self.send(eff, "ack", index=index, log_term=last_term, ok=True, msg="", to=master)
+        self.send_master(
+            eff, "ack", master, index=index, log_term=last_term, ok=True, msg="", to=master
+        )
 
     def _nack(self, eff: Effects, master: str, index: Any, why: str) -> None:
-        self.send(eff, "ack", index=index, ok=False, msg=why, to=master)
+        self.send_master(eff, "ack", master, index=index, ok=False, msg=why, to=master)
 
     def _sync(self, now: float, eff: Effects, msg: Message, sync: wire.Sync, rx: float) -> None:
         if msg.src != self.election.master or msg.term < self.election.term:
@@ -430,7 +443,7 @@ class Speaker:
         eff = Effects()
         master = self.election.master
         if master and master != self.id:
-            self.send(eff, "ping", t1=now)
+            self.send_to(eff, master, "ping", t1=now)
         return eff
 
     def tick(self, now: float) -> Effects:
@@ -474,9 +487,8 @@ class Speaker:
         self._sync_asked_at = now
         # the songs held (and how much of those in progress), so the master can push the rest
         partial = self.lib.missing_chunks(set(self.state.playlist))
-        self.send(
-            eff, "sync_req", index=self.state.index, songs=sorted(self.lib.songs()), partial=partial
-        )
+        songs = sorted(self.lib.songs())
+        self.send_master(eff, "sync_req", index=self.state.index, songs=songs, partial=partial)
 
     def _check_songs_recovered(self, now: float) -> None:
         """Note when a recovered node holds every playlist song again (node state `recovery`)."""
@@ -574,7 +586,7 @@ class Speaker:
         if self.master is not None:
             self.master.count_finished(now, eff, self.id, pb.slot, song)
         else:
-            self.send(eff, "finished", slot=pb.slot, song=song)
+            self.send_master(eff, "finished", slot=pb.slot, song=song)
         return eff
 
     def publish_state(self, now: float) -> Effects:

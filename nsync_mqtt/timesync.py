@@ -91,6 +91,9 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
+MAX_RATE = 1e-3  # 1000 ppm: ten times the worst crystal; an estimate beyond it is clamped
+
+
 class ClockEstimator:
     """Estimates ``master_clock - node_clock`` as a line in node time; see the module docstring."""
 
@@ -119,6 +122,7 @@ class ClockEstimator:
         self._t_ref = 0.0
         self._a = 0.0
         self._b = 0.0
+        self._last_t1 = -math.inf
 
     def add(self, t1: float, t2: float, t3: float, t4: float) -> Sample | None:
         """Take one ping's four timestamps; returns the sample, or None if it was rejected."""
@@ -126,6 +130,9 @@ class ClockEstimator:
             return None
         if t4 < t1 or t3 < t2:
             return None
+        if t1 <= self._last_t1:
+            return None  # a duplicate (a QoS 1 redelivery) or an answer to an older ping
+        self._last_t1 = t1
         rtt = (t4 - t1) - (t3 - t2)
         if rtt < 0 or rtt > self.max_rtt_s:
             return None
@@ -180,6 +187,7 @@ class ClockEstimator:
             b = sxy / sxx if sxx > 0 else 0.0
         else:
             b = 0.0
+        b = min(MAX_RATE, max(-MAX_RATE, b))  # no crystal drifts more; beyond is noise
         self._t_ref = t_ref
         self._b = b
         self._a = o_mean - b * t_mean

@@ -295,3 +295,18 @@ def test_lead_time_clamps() -> None:
     assert lead_time(iter([]), 0.08, 1.0, 4.0) == pytest.approx(0.08)
     with pytest.raises(ValueError):
         lead_time([0.01], 1.0, 0.5, 4.0)
+
+
+def test_a_duplicated_pong_is_not_a_second_sample() -> None:
+    """A QoS 1 redelivery of a pong carries the same t1..t3 with a later t4: taken as a sample
+    it would pull the rate towards -1 (the offset falling as fast as time passes)."""
+    est = ClockEstimator(calibration_samples=2)
+    assert est.add(100.0, 150.0, 150.0001, 100.002) is not None
+    assert est.add(100.0, 150.0, 150.0001, 100.3) is None  # the same ping, answered again
+    assert est.add(99.9, 149.9, 149.9001, 100.31) is None  # an older ping's late answer
+    for i in range(1, 200):
+        t = 100.0 + i * 0.1
+        assert est.add(t, t + 50.0, t + 50.0001, t + 0.002) is not None
+        est.add(t, t + 50.0, t + 50.0001, t + 0.25)  # every pong delivered twice
+    assert abs(est.rate_ppm) < 1.0
+    assert est.to_local(est.to_master(120.0)) == pytest.approx(120.0, abs=1e-9)

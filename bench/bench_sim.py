@@ -1,0 +1,62 @@
+"""The cluster simulator's speed and its long profile.
+
+    .venv/bin/python bench/bench_sim.py --long-seed 3          # one seed: 5 nodes, 10 min, 100 faults
+    .venv/bin/python bench/bench_sim.py --seeds 0:500          # the CI profile, timed
+    .venv/bin/python bench/bench_sim.py --seeds 0:100000 --out sim-long.json   # the long profile
+
+Writes bench/results/<out> with the totals (seeds, simulated hours, faults, commands,
+acknowledged enqueues, invariant checks, wall time) and the failing seeds, each with its replay
+command. Seeds run in ``--jobs`` processes (default: every core).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import common
+
+from nsync_lab.sim.run import PROFILES, replay_command, run_seed, run_seeds
+
+
+def main() -> None:
+    ap = common.arg_parser(__doc__ or "")
+    ap.add_argument("--seeds", default=None, help="FROM:TO (profile ci)")
+    ap.add_argument("--long-seed", type=int, default=None, help="time one long-seed run")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    logging.disable(logging.CRITICAL)
+    doc: dict[str, object] = {"machine": common.machine(), "when": common.now_iso()}
+    if args.long_seed is not None:
+        t0 = time.perf_counter()
+        o = run_seed(args.long_seed, "long-seed")
+        wall = time.perf_counter() - t0
+        nodes, duration, faults, _ = PROFILES["long-seed"]
+        doc["long_seed"] = {"seed": args.long_seed, "ok": o.ok, "error": o.error, **o.stats}
+        doc["long_seed"]["wall_s"] = round(wall, 2)  # type: ignore[index]
+        print(
+            f"seed {args.long_seed}: {nodes} nodes, {duration / 60:g} simulated minutes, "
+            f"{o.stats.get('faults', '?')} faults, {o.stats.get('events', '?')} events: "
+            f"{'ok' if o.ok else o.error} in {wall:.2f} s"
+        )
+    if args.seeds:
+        lo, hi = (int(x) for x in args.seeds.split(":"))
+        failures, totals = run_seeds(range(lo, hi), "ci", args.jobs, stop_at_first=False)
+        totals["simulated_hours"] = round(totals["sim_s"] / 3600, 1)
+        totals["failures"] = [
+            {"seed": f.seed, "error": f.error, "replay": replay_command(f.seed, "ci")}
+            for f in failures
+        ]
+        doc["profile"] = {"name": "ci", "seeds": f"{lo}:{hi}", "jobs": args.jobs, **totals}
+        print(json.dumps(doc["profile"], indent=1))
+    if args.out:
+        path = common.RESULTS / args.out
+        path.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
