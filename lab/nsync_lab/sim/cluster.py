@@ -15,7 +15,8 @@ Invariants (``Checker``):
 - one state per log position: every node whose last operation is ``(term, index)`` holds the
   playlist and volume the master of ``term`` made at ``index`` (log matching);
 - no acknowledged command lost: every enqueue the client heard succeed is in the final playlist,
-  in the order of the successes;
+  in the order of the successes, and the last volume it heard succeed holds unless it sent
+  another volume command since;
 - after healing, a master within ``ELECTION_BOUND_S``, and every node agrees with it: the same
   last operation, playlist, volume and playback;
 - a node plays what the master scheduled: at the end, every node's sink plays the master's song
@@ -346,6 +347,9 @@ class Client:
     replies: list[dict[str, Any]] = field(default_factory=list)
     acked_enqueues: list[str] = field(default_factory=list)
     next_song: int = 0
+    volume_sent: dict[int, int] = field(default_factory=dict)  # client_req_id -> volume
+    last_volume_sent: int | None = None  # client_req_id of the last volume command sent
+    acked_volume: tuple[int, int] | None = None  # (client_req_id, volume) last acknowledged
 
     def connect(self) -> None:
         try:
@@ -368,6 +372,10 @@ class Client:
         if any(r["client_req_id"] == reply["client_req_id"] for r in self.replies[-50:]):
             return  # a QoS 1 duplicate
         self.replies.append(reply)
+        rid = reply["client_req_id"]
+        if reply["success"] and rid in self.volume_sent:
+            if self.acked_volume is None or rid > self.acked_volume[0]:
+                self.acked_volume = (rid, self.volume_sent[rid])
         if reply["success"] and reply["command"] == "enqueue":
             self.acked_enqueues.append(reply["params"]["song"])
 
@@ -383,6 +391,8 @@ class Client:
             self.next_song += 1
         elif verb == "volume":
             body["arg"] = rng.randrange(0, 101)
+            self.volume_sent[self.sent] = body["arg"]
+            self.last_volume_sent = self.sent
         elif verb == "seek":
             body["arg"] = round(rng.uniform(0, 10), 2)
         self.sent += 1
@@ -418,18 +428,14 @@ class Checker:
             if other != n.id:
                 self.fail(f"two masters in term {core.term}: {other} and {n.id}")
         st = core.state
+        position = (st.term, st.index)
         content = (st.hash, st.volume)
-        known = self.made.get(st.last)
+        known = self.made.get(position)
         if known is None:
-            if core.master is not None or st.index == 0:
-                self.made[st.last] = content
-            else:
-                # a follower holds a position no master was seen making: it came from a sync
-                # or an op of a master whose making this checker saw; record it all the same
-                self.made[st.last] = content
+            self.made[position] = content
         elif known != content:
             self.fail(
-                f"{n.id} holds {st.last} with playlist {st.hash[:8]} volume {st.volume}, "
+                f"{n.id} holds {position} with playlist {st.hash[:8]} volume {st.volume}, "
                 f"but that position was made as playlist {known[0][:8]} volume {known[1]}"
             )
 
@@ -586,6 +592,11 @@ class Simulation:
                 pos = playlist.index(song, pos) + 1
             except ValueError:
                 chk.fail(f"acknowledged enqueue of {song[:8]} missing from the master's playlist")
+        # the last volume the client heard succeed holds, unless it sent another one since
+        acked = self.client.acked_volume
+        if acked is not None and acked[0] == self.client.last_volume_sent:
+            if mst.volume != acked[1]:
+                chk.fail(f"acknowledged volume {acked[1]} lost: the cluster is at {mst.volume}")
         # every sink plays the master's schedule: the same song, its frames at the same
         # true instants (a start still ahead included)
         now = self.world.now
