@@ -11,6 +11,7 @@ command. Seeds run in ``--jobs`` processes (default: every core).
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from nsync_lab.sim.run import PROFILES, replay_command, run_seed, run_seeds
 
 
 def main() -> None:
-    ap = common.arg_parser(__doc__ or "")
+    ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seeds", default=None, help="FROM:TO (profile ci)")
     ap.add_argument("--long-seed", type=int, default=None, help="time one long-seed run")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)

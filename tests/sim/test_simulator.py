@@ -100,3 +100,17 @@ def test_the_runner_prints_a_replay_command_and_writes_a_trace(
     trace = (tmp_path / "sim-seed-4.txt").read_text()
     assert "# seed 4: fault plan" in trace and "boot" in trace
     assert run_seed(4).ok is False
+
+
+def test_a_master_elected_without_a_committed_operation_is_caught() -> None:
+    """Leader completeness: plant a committed operation no log holds, then kill the master."""
+    sim = Simulation(6, nodes=3, faults=0)
+
+    def plant_and_kill() -> None:
+        sim.checker.committed.append(999)
+        master = next(n for n in sim.nodes.values() if n.core and n.core.master)
+        master.crash()
+
+    sim.world.at(30.0, plant_and_kill)
+    with pytest.raises(Violation, match=r"became master of term \d+ without the committed"):
+        sim.run()

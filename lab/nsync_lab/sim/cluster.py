@@ -257,6 +257,7 @@ class SimNode:
         if not eff or self.core is None:
             return
         self.sim.checker.faults(self.id, eff)
+        self.sim.checker.after_event(self)  # the state in memory, as the event left it
         for p in eff.early:
             self._publish(p)
         if eff.early:
@@ -283,7 +284,6 @@ class SimNode:
             saved = core.persisted(self.clock.now())
         for p in eff.out:
             self._publish(p)
-        self.sim.checker.after_event(self)
         if saved:
             self._do(saved)
         if eff.node_state:
@@ -373,18 +373,31 @@ class Client:
             return  # a QoS 1 duplicate
         self.replies.append(reply)
         rid = reply["client_req_id"]
-        if reply["success"] and rid in self.volume_sent:
-            if self.acked_volume is None or rid > self.acked_volume[0]:
-                self.acked_volume = (rid, self.volume_sent[rid])
+        newer = self.acked_volume is None or rid > self.acked_volume[0]
+        if reply["success"] and rid in self.volume_sent and newer:
+            self.acked_volume = (rid, self.volume_sent[rid])
         if reply["success"] and reply["command"] == "enqueue":
             self.acked_enqueues.append(reply["params"]["song"])
 
-    def command(self) -> None:
+    def command(self, verb: str | None = None) -> None:
         rng = self.sim.rng
-        verb = rng.choices(
-            ["enqueue", "play", "pause", "forward", "backward", "volume", "seek", "stop", "status"],
-            weights=[5, 3, 2, 2, 1, 2, 1, 1, 1],
-        )[0]
+        verb = (
+            verb
+            or rng.choices(
+                [
+                    "enqueue",
+                    "play",
+                    "pause",
+                    "forward",
+                    "backward",
+                    "volume",
+                    "seek",
+                    "stop",
+                    "status",
+                ],
+                weights=[5, 3, 2, 2, 1, 2, 1, 1, 1],
+            )[0]
+        )
         body: dict[str, Any] = {"reply_to": "client", "client_req_id": self.sent}
         if verb == "enqueue":
             body["song"] = self.sim.songs[self.next_song % len(self.sim.songs)]
@@ -401,19 +414,29 @@ class Client:
 
 
 class Checker:
+    """The invariants checked after every event (the end checks are Simulation.final_checks).
+
+    Logs are followed by position: the log a node holds at (term, index) is the log of the
+    position it came from plus that term, recorded when the position is first seen (a master
+    making an operation, or the first node to apply it), so two nodes at one position hold one
+    log by construction, and the checks are on what each position carries and on commits."""
+
+    check_contents = True  # one state per position (off: see what else a divergence breaks)
+
     def __init__(self, sim: Simulation) -> None:
         self.sim = sim
         self.masters: dict[int, str] = {}  # term -> its master
         self.made: dict[tuple[int, int], tuple[str, int]] = {}  # (term, index) -> (plist, vol)
+        self.logs: dict[tuple[int, int], tuple[int, ...]] = {(0, 0): (0,)}  # -> term by index
+        self.pos: dict[str, tuple[int, int]] = {}  # node -> its position
+        self.committed: list[int] = [0]  # the term of each committed index (f+1 nodes hold it)
         self.checks = 0
-        self.bad_input: list[str] = []
 
     def fail(self, what: str) -> None:
         raise Violation(f"t={self.sim.world.now:.3f}: {what}")
 
     def faults(self, node: str, eff: Effects) -> None:
         for where, err in eff.faults:
-            self.bad_input.append(f"{node}: {where}: {err}")
             self.fail(f"{node} refused a message of the cluster itself: {where}: {err}")
 
     def node_down(self, node: str) -> None:
@@ -423,21 +446,47 @@ class Checker:
         core = n.core
         assert core is not None
         self.checks += 1
+        st = core.state
+        position = (st.term, st.index)
+        prev = self.pos.get(n.id, (0, 0))
+        new_master = False
         if core.master is not None:
             other = self.masters.setdefault(core.term, n.id)
             if other != n.id:
                 self.fail(f"two masters in term {core.term}: {other} and {n.id}")
-        st = core.state
-        position = (st.term, st.index)
+            new_master = other == n.id and self.pos.get(f"master:{core.term}") is None
+            self.pos[f"master:{core.term}"] = position
+        if position != prev or position not in self.logs:
+            if position not in self.logs:
+                if position[1] != prev[1] + 1 or prev not in self.logs:
+                    self.fail(f"{n.id} holds {position}, a position no master was seen making")
+                self.logs[position] = self.logs[prev] + (position[0],)
+            self.pos[n.id] = position
         content = (st.hash, st.volume)
         known = self.made.get(position)
         if known is None:
             self.made[position] = content
-        elif known != content:
+        elif known != content and self.check_contents:
             self.fail(
                 f"{n.id} holds {position} with playlist {st.hash[:8]} volume {st.volume}, "
                 f"but that position was made as playlist {known[0][:8]} volume {known[1]}"
             )
+        if core.master is None:
+            return
+        log = self.logs[position]
+        done = self.committed
+        if new_master and log[: len(done)] != tuple(done):
+            lost = next((i for i, t in enumerate(done) if i >= len(log) or log[i] != t), len(done))
+            self.fail(
+                f"{n.id} became master of term {core.term} without the committed operation "
+                f"({done[lost]}, {lost}) that f+1 nodes acknowledged: it holds "
+                f"{'nothing' if lost >= len(log) else (log[lost], lost)} there"
+            )
+        upto = min(core.master.commits.commit_index, len(log) - 1)
+        for i in range(len(done), upto + 1):
+            done.append(log[i])
+        if log[: min(len(done), upto + 1)] != tuple(done[: upto + 1]):
+            self.fail(f"{n.id} (master, term {core.term}) committed over a committed operation")
 
 
 @dataclass
@@ -491,6 +540,7 @@ class Simulation:
         self.plan = faults_plan if faults_plan is not None else []
         self.n_faults = faults
         self.last_heal = 0.0
+        self._crashed_for: dict[int, SimNode] = {}  # planned crash -> the node crashed
 
     def log(self, node: str, kind: str, text: str) -> None:
         self.world.log(node, kind, text)
@@ -541,17 +591,64 @@ class Simulation:
     # ------------------------------------------------------------------ faults
 
     def _crash(self, index: int) -> None:
-        """Crash a node; a third of the time at its next early send instead (between the
-        master's operation going out and its own save), or half a second later if none."""
-        n = self.nodes[self.peers[index]]
+        """Crash a node: half the time the master of the moment instead of the planned one (the
+        node whose loss matters most); a third of the time at its next early send (between
+        the master's operation going out and its own save), or half a second later if none.
+        Before crashing a master, half the time cut all but one speaker off its operations
+        for a moment, so that what it sends last reaches one node only."""
+        planned = self.nodes[self.peers[index]]
+        n = planned
+        master = next((x for x in self.nodes.values() if x.core and x.core.master), None)
+        if master is not None and master is not planned and self.rng.random() < 0.5:
+            n = master
+        self._crashed_for[index] = n
+        if n is master and self.rng.random() < 0.5:
+            keep = self._partial_delivery(n)
+            self.world.after(self.rng.uniform(0.05, 0.28), n.crash)
+            if self.f >= 2 and self.rng.random() < 0.5:
+                self._lone_holder(keep)
+            return
         if self.rng.random() < 0.3:
             n.crash_mid_commit = True
             self.world.after(0.5, self._crash_if_armed, n)
         else:
             n.crash()
 
+    def _partial_delivery(self, master: SimNode) -> str:
+        """Cut the downlinks of all speakers but one for 0.3 s, from now; returns that one."""
+        others = [p for p in self.peers if p != master.id]
+        keep = self.rng.choice(others)
+        for p in others:
+            if p != keep:
+                self.broker.cut(f"node-{p}", up=False, down=True)
+                self.world.after(0.3, self.broker.heal, f"node-{p}", False, True)
+        self.log(master.id, "fault", f"its last operations reach {keep} alone")
+        self.world.after(0.01, self.client.command, "volume")  # an operation to reach it alone
+        return keep
+
+    def _lone_holder(self, keep: str) -> None:
+        """The node that alone got a dead master's last operations is cut off while the
+        others elect a master, comes back while that master commits, and then that master
+        dies too: the sequence that loses an acknowledged command when operations are told
+        apart by index alone (tests/integration/test_log_matching.py)."""
+        cut_s = self.rng.uniform(1.0, 2.0)
+        cid = f"node-{keep}"
+        self.world.after(0.3, self.broker.cut, cid)
+        self.world.after(0.3 + cut_s, self.broker.heal, cid)
+        self.world.after(0.3 + cut_s + 0.05, self.client.command, "volume")
+        self.world.after(0.3 + cut_s + self.rng.uniform(0.1, 1.0), self._crash_second, keep)
+
+    def _crash_second(self, keep: str) -> None:
+        down = sum(1 for n in self.nodes.values() if not n.up)
+        master = next((x for x in self.nodes.values() if x.core and x.core.master), None)
+        if master is None or master.id == keep or down >= self.f:
+            return
+        self.log(master.id, "fault", f"the next master dies too, {keep} back")
+        master.crash()
+        self.world.after(self.rng.uniform(2.0, 4.0), self._restart, master)
+
     def _restart_index(self, index: int) -> None:
-        self._restart(self.nodes[self.peers[index]])
+        self._restart(self._crashed_for.pop(index, self.nodes[self.peers[index]]))
 
     def _crash_if_armed(self, n: SimNode) -> None:
         if n.crash_mid_commit:
@@ -594,9 +691,9 @@ class Simulation:
                 chk.fail(f"acknowledged enqueue of {song[:8]} missing from the master's playlist")
         # the last volume the client heard succeed holds, unless it sent another one since
         acked = self.client.acked_volume
-        if acked is not None and acked[0] == self.client.last_volume_sent:
-            if mst.volume != acked[1]:
-                chk.fail(f"acknowledged volume {acked[1]} lost: the cluster is at {mst.volume}")
+        last = self.client.last_volume_sent
+        if acked is not None and acked[0] == last and mst.volume != acked[1]:
+            chk.fail(f"acknowledged volume {acked[1]} lost: the cluster is at {mst.volume}")
         # every sink plays the master's schedule: the same song, its frames at the same
         # true instants (a start still ahead included)
         now = self.world.now
