@@ -51,7 +51,7 @@ from nsync_lab.testing import (
 from nsync_mqtt import sinklog
 from nsync_mqtt.client import NSyncClient
 from nsync_mqtt.messages import Topics
-from nsync_mqtt.persist import Durable
+from nsync_mqtt.persist import StateFile
 from nsync_mqtt.playlist import RATE, playlist_hash
 from nsync_mqtt.replication import sha224_file
 from nsync_mqtt.timing import Timing
@@ -984,8 +984,9 @@ class _Run:
         # 2. acknowledged enqueues in every final playlist, in order
         playlists = {}
         for n in self.ids:
-            doc = json.loads((self.cluster.workdir / n / "state.json").read_text())
-            playlists[n] = list(Durable.from_dict(doc).state.playlist)
+            # the snapshot and the operations appended since (persist.StateFile)
+            durable = StateFile(self.cluster.workdir / n / "state.json").read()
+            playlists[n] = list(durable.state.playlist)
         res.checked["acked_enqueues_kept"] = sum(
             1 for r in res.replies if r.verb == "enqueue" and r.success
         )
