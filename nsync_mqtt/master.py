@@ -458,8 +458,8 @@ class Master:
         self, now: float, eff: Effects, req: Request, success: bool, msg: str, **extra: Any
     ) -> None:
         log.debug("reply to %s %s: %s %s", req.reply_to, req.verb, success, msg)
-        if self.state_dirty:
-            self.flush_state(now, eff)  # a client that hears the reply finds the state current
+        if self.state_dirty:  # a client that hears the reply finds the state current
+            self.flush_state(now, eff, with_playlist=False)
         if req.reply_to is None:
             return
         payload = make_reply(success, req.verb, req.params, msg, req.client_req_id, **extra)
@@ -521,10 +521,11 @@ class Master:
             f"nodes {','.join(d['nodes'])}"
         )
 
-    def flush_state(self, now: float, eff: Effects) -> None:
+    def flush_state(self, now: float, eff: Effects, with_playlist: bool = True) -> None:
         """The retained state: the document, a topic per field, and the whole playlist on its
-        own topic (republished only when it changed, so a command's cost does not grow with
-        the playlist)."""
+        own topic, republished only when it changed and never on a reply's path (a reply
+        flushes the rest; the playlist follows with the coalesced publish, within
+        STATE_PUBLISH_DELAY_S), so no command's cost grows with the playlist."""
         self.state_dirty = False
         t = self.sp.topics
         doc = self.state_doc(now)
@@ -533,11 +534,16 @@ class Master:
         for key, value in doc.items():
             if key != "position_at":
                 self._retain(eff, t.state_field(key), _text(value))
-        playlist = self.sp.state.playlist
-        if playlist is not self._playlist_published:
-            self._playlist_published = playlist
-            self._retain(eff, t.state_field("playlist"), _text(list(playlist)))
+        if with_playlist:
+            playlist = self.sp.state.playlist
+            if playlist is not self._playlist_published:
+                self._playlist_published = playlist
+                self._retain(eff, t.state_field("playlist"), _text(list(playlist)))
         self._retain(eff, t.state_field("position_at"), _text(doc["position_at"]))
+
+    @property
+    def playlist_unpublished(self) -> bool:
+        return self.sp.state.playlist is not self._playlist_published
 
     def _retain(self, eff: Effects, topic: str, payload: bytes) -> None:
         if self._published.get(topic) == payload:

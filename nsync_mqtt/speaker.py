@@ -592,8 +592,9 @@ class Speaker:
     def publish_state(self, now: float) -> Effects:
         """(Master) the retained state, if it changed since it was last published."""
         eff = Effects()
-        if self.master is not None and self.master.state_dirty:
-            self.master.flush_state(now, eff)
+        m = self.master
+        if m is not None and (m.state_dirty or m.playlist_unpublished):
+            m.flush_state(now, eff)
         return eff
 
     def connected(self, now: float) -> Effects:
