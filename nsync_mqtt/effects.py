@@ -39,7 +39,8 @@ class SinkPlan:
     """What the sink should do, on this node's clock.
 
     ``play``: play ``song`` from ``frame`` with that frame reaching the DAC at local time ``at``;
-    ``stop``: stop at local time ``at`` (now if None); ``hold``: change nothing but the volume."""
+    ``stop``: stop at local time ``at`` (now if None), ``frame`` being the frame reached then;
+    ``hold``: change nothing but the volume."""
 
     action: str
     volume: int

@@ -570,7 +570,7 @@ class Speaker:
                     self.want(now, eff, pb.song, None)
             eff.sink = SinkPlan(PLAY, volume, pb.song, pb.frame, self.to_local(pb.at))
         elif pb.at is not None:
-            eff.sink = SinkPlan(STOP, volume, at=self.to_local(pb.at))
+            eff.sink = SinkPlan(STOP, volume, pb.song, pb.frame, self.to_local(pb.at))
         else:
             eff.sink = SinkPlan(STOP, volume)
 
