@@ -17,8 +17,11 @@ Invariants (``Checker``):
 - no acknowledged command lost: every enqueue the client heard succeed is in the final playlist,
   in the order of the successes, and the last volume it heard succeed holds unless it sent
   another volume command since;
-- after healing, a master within ``ELECTION_BOUND_S``, and every node agrees with it: the same
-  last operation, playlist, volume and playback;
+- committed operations never change, and a node becomes master only with every committed
+  operation in its log (leader completeness);
+- after healing, a master elected within ``ELECTION_BOUND_S`` of the last fault's end (or
+  still in place from before), and every node agrees with it at the end: the same last
+  operation, playlist, volume and playback;
 - a node plays what the master scheduled: at the end, every node's sink plays the master's song
   at the master's position (within ``SINK_TOLERANCE_S`` of true time), or is stopped with it.
 """
@@ -426,6 +429,7 @@ class Checker:
     def __init__(self, sim: Simulation) -> None:
         self.sim = sim
         self.masters: dict[int, str] = {}  # term -> its master
+        self.elected_at: dict[int, float] = {}  # term -> when its master was first seen
         self.made: dict[tuple[int, int], tuple[str, int]] = {}  # (term, index) -> (plist, vol)
         self.logs: dict[tuple[int, int], tuple[int, ...]] = {(0, 0): (0,)}  # -> term by index
         self.pos: dict[str, tuple[int, int]] = {}  # node -> its position
@@ -452,6 +456,7 @@ class Checker:
         new_master = False
         if core.master is not None:
             other = self.masters.setdefault(core.term, n.id)
+            self.elected_at.setdefault(core.term, self.sim.world.now)
             if other != n.id:
                 self.fail(f"two masters in term {core.term}: {other} and {n.id}")
             new_master = other == n.id and self.pos.get(f"master:{core.term}") is None
@@ -616,6 +621,7 @@ class Simulation:
 
     def _partial_delivery(self, master: SimNode) -> str:
         """Cut the downlinks of all speakers but one for 0.3 s, from now; returns that one."""
+        self.last_heal = max(self.last_heal, self.world.now + 0.3)
         others = [p for p in self.peers if p != master.id]
         keep = self.rng.choice(others)
         for p in others:
@@ -635,6 +641,7 @@ class Simulation:
         cid = f"node-{keep}"
         self.world.after(0.3, self.broker.cut, cid)
         self.world.after(0.3 + cut_s, self.broker.heal, cid)
+        self.last_heal = max(self.last_heal, self.world.now + 0.3 + cut_s)
         self.world.after(0.3 + cut_s + 0.05, self.client.command, "volume")
         self.world.after(0.3 + cut_s + self.rng.uniform(0.1, 1.0), self._crash_second, keep)
 
@@ -645,7 +652,9 @@ class Simulation:
             return
         self.log(master.id, "fault", f"the next master dies too, {keep} back")
         master.crash()
-        self.world.after(self.rng.uniform(2.0, 4.0), self._restart, master)
+        back = self.rng.uniform(2.0, 4.0)
+        self.world.after(back, self._restart, master)
+        self.last_heal = max(self.last_heal, self.world.now + back)
 
     def _restart_index(self, index: int) -> None:
         self._restart(self._crashed_for.pop(index, self.nodes[self.peers[index]]))
@@ -671,6 +680,12 @@ class Simulation:
             )
         m = masters[0]
         assert m.core is not None
+        elected = self.checker.elected_at[m.core.term]
+        if elected > self.last_heal + ELECTION_BOUND_S:
+            chk.fail(
+                f"the master of term {m.core.term} was elected {elected - self.last_heal:.2f} s "
+                f"after the last fault healed (bound {ELECTION_BOUND_S:g} s)"
+            )
         mst = m.core.state
         for n in live:
             core = n.core
