@@ -4,6 +4,14 @@
     .venv/bin/python bench/bench_sim.py --seeds 0:500   # the CI profile, timed
     .venv/bin/python bench/bench_sim.py --seeds 0:100000 --out sim-long.json   # the long profile
 
+The long profile runs in chunks of 1,000 seeds, one result file each, so that it can be
+spread over several sittings (seeds 1000 and up; 0-999 are the CI profile's):
+
+    for i in $(seq 1 99); do lo=$((i*1000)); hi=$((lo+1000))
+        .venv/bin/python bench/bench_sim.py --seeds $lo:$hi --out sim-long/seeds-$lo-$hi.json
+    done
+    .venv/bin/python bench/bench_sim.py --sum sim-long      # totals of every chunk so far
+
 Writes bench/results/<out> with the totals (seeds, simulated hours, faults, commands,
 acknowledged enqueues, invariant checks, wall time) and the failing seeds, each with its replay
 command. Seeds run in ``--jobs`` processes (default: every core).
@@ -16,6 +24,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 
 import common
 
@@ -28,7 +37,11 @@ def main() -> None:
     ap.add_argument("--long-seed", type=int, default=None, help="time one long-seed run")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sum", default=None, help="add up the chunk files in this results folder")
     args = ap.parse_args()
+    if args.sum:
+        print(json.dumps(add_up(common.RESULTS / args.sum), indent=1))
+        return
     logging.disable(logging.CRITICAL)
     doc: dict[str, object] = {"machine": common.machine(), "when": common.now_iso()}
     if args.long_seed is not None:
@@ -57,6 +70,26 @@ def main() -> None:
         path = common.RESULTS / args.out
         path.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"wrote {path}")
+
+
+def add_up(folder: Path) -> dict[str, object]:
+    """Totals over the chunk files of a long profile, and the ranges of seeds they cover."""
+    keys = ("seeds", "sim_s", "faults", "events", "commands", "acked_enqueues", "checks")
+    totals: dict[str, float] = dict.fromkeys(keys, 0)
+    totals["wall_s"] = 0.0
+    ranges, failures = [], []
+    for path in sorted(folder.glob("seeds-*.json")):
+        prof = json.loads(path.read_text())["profile"]
+        for k in (*keys, "wall_s"):
+            totals[k] += prof[k]
+        ranges.append(prof["seeds"])
+        failures += prof["failures"]
+    return {
+        **totals,
+        "simulated_hours": round(totals["sim_s"] / 3600, 1),
+        "chunks": ranges,
+        "failures": failures,
+    }
 
 
 if __name__ == "__main__":
