@@ -233,12 +233,17 @@ def _with_playback(state: PlayerState, pb: Playback, ctx: Context) -> PlayerStat
 
 
 def start_term(state: PlayerState, term: int) -> tuple[PlayerState, dict[str, Any]]:
-    """The first operation of a new master's ``term``: no change but the log's. Once f+1 nodes
-    hold it, everything before it in this master's state is committed."""
+    """The first operation of a new master's ``term``: once f+1 nodes hold it, everything
+    before it in this master's state is committed. It carries the master's playback, whose
+    instants the new master has moved onto its own clock: every node then holds them on the
+    clock of the master it follows (a node that kept an older master's instants would map them
+    through its estimate of the new master's clock, hours off when the clocks are)."""
     if not _is_int(term) or term <= state.term:
         raise ValueError(f"a new term must be above {state.term}, got {term!r}")
     new = replace(state, index=state.index + 1, term=term)
-    return new, _op(state, new, "term")
+    op = _op(state, new, "term")
+    op["playback"] = new.playback.to_dict()
+    return new, op
 
 
 def _start(state: PlayerState, slot: int, frame: int, ctx: Context) -> Playback:
@@ -434,7 +439,7 @@ class Operation:
             song = check_hash(op.get("song"), "op.song")
         elif post != pre:
             raise ProtocolError(f"a {kind} operation must leave the playlist as it is")
-        if kind in ("enqueue", "playback"):
+        if kind in ("enqueue", "playback") or (kind == "term" and "playback" in op):
             playback = Playback.from_dict(op.get("playback"))
         if kind == "volume":
             volume = op.get("volume")

@@ -108,9 +108,10 @@ def test_a_master_elected_without_a_committed_operation_is_caught() -> None:
 
     def plant_and_kill() -> None:
         sim.checker.committed.append(999)
+        sim.checker.committed_in.append(0)
         master = next(n for n in sim.nodes.values() if n.core and n.core.master)
         master.crash()
 
     sim.world.at(30.0, plant_and_kill)
-    with pytest.raises(Violation, match=r"became master of term \d+ without the committed"):
+    with pytest.raises(Violation, match=r"became master of term \d+ without the operation"):
         sim.run()

@@ -687,7 +687,7 @@ def test_a_gap_in_the_same_term_is_a_mismatch() -> None:
         apply_op(replay(ops[:1]), ops[3])
 
 
-def test_start_term_moves_the_log_on_and_nothing_else() -> None:
+def test_start_term_moves_the_log_on_and_carries_the_masters_playback() -> None:
     state = playing(A, B, now=10.0)
     new, op = start_term(state, TERM + 1)
     assert new == replace(state, index=state.index + 1, term=TERM + 1)
@@ -698,8 +698,12 @@ def test_start_term_moves_the_log_on_and_nothing_else() -> None:
         "prev_term": TERM,
         "pre": state.hash,
         "post": state.hash,
+        "playback": state.playback.to_dict(),
     }
     assert apply_op(state, op) == new
+    # a speaker still holding the instants of an older master's clock takes the new master's
+    older = replace(state, playback=replace(state.playback, at=state.playback.at + 2519.0))
+    assert apply_op(older, op).playback == state.playback
     with pytest.raises(ValueError, match="above"):
         start_term(state, TERM)
 

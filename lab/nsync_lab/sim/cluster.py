@@ -434,6 +434,7 @@ class Checker:
         self.logs: dict[tuple[int, int], tuple[int, ...]] = {(0, 0): (0,)}  # -> term by index
         self.pos: dict[str, tuple[int, int]] = {}  # node -> its position
         self.committed: list[int] = [0]  # the term of each committed index (f+1 nodes hold it)
+        self.committed_in: list[int] = [0]  # the term of the master that committed it
         self.checks = 0
 
     def fail(self, what: str) -> None:
@@ -480,16 +481,21 @@ class Checker:
             return
         log = self.logs[position]
         done = self.committed
-        if new_master and log[: len(done)] != tuple(done):
-            lost = next((i for i, t in enumerate(done) if i >= len(log) or log[i] != t), len(done))
-            self.fail(
-                f"{n.id} became master of term {core.term} without the committed operation "
-                f"({done[lost]}, {lost}) that f+1 nodes acknowledged: it holds "
-                f"{'nothing' if lost >= len(log) else (log[lost], lost)} there"
-            )
+        if new_master:
+            # leader completeness: what masters of earlier terms committed is in this log (a
+            # master of a term since overtaken may lack what a later term committed: it can
+            # commit nothing, every node that acknowledges moved on to the later term)
+            for i, t in enumerate(done):
+                if self.committed_in[i] < core.term and (i >= len(log) or log[i] != t):
+                    self.fail(
+                        f"{n.id} became master of term {core.term} without the operation "
+                        f"({t}, {i}) that f+1 nodes acknowledged in term {self.committed_in[i]}"
+                        f": it holds {'nothing' if i >= len(log) else (log[i], i)} there"
+                    )
         upto = min(core.master.commits.commit_index, len(log) - 1)
         for i in range(len(done), upto + 1):
             done.append(log[i])
+            self.committed_in.append(core.term)
         if log[: min(len(done), upto + 1)] != tuple(done[: upto + 1]):
             self.fail(f"{n.id} (master, term {core.term}) committed over a committed operation")
 
