@@ -43,7 +43,6 @@ from nsync_mqtt.vote import (
     IsolationWatch,
     RequestPreVotes,
     RequestVotes,
-    Role,
     SendHeartbeat,
 )
 from nsync_mqtt.wire import PeerState, parse_body
@@ -715,7 +714,3 @@ class Speaker:
             "playlist_hash": self.state.hash,
             "playback": self.state.playback.state,
         }
-
-    @property
-    def is_master(self) -> bool:
-        return self.election.role is Role.MASTER

@@ -155,7 +155,6 @@ class SimNode:
         self.conn = None
         self.disk.crash(self.sim.world.rng)
         self.sink = SinkState()
-        self.sim.checker.node_down(self.id)
 
     def _every(self, period: float, fn: Callable[[], None]) -> None:
         def run() -> None:
@@ -443,9 +442,6 @@ class Checker:
     def faults(self, node: str, eff: Effects) -> None:
         for where, err in eff.faults:
             self.fail(f"{node} refused a message of the cluster itself: {where}: {err}")
-
-    def node_down(self, node: str) -> None:
-        pass
 
     def after_event(self, n: SimNode) -> None:
         core = n.core
