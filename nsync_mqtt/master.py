@@ -165,7 +165,7 @@ VERBS = frozenset(
 UNKNOWN_FRAMES = 1 << 62  # a held song whose length is not known yet
 STATE_PUBLISH_DELAY_S = 0.02  # retained state follows a change within this, coalesced
 QUEUE_SHOWN = 50  # the state document lists this many upcoming songs; state/playlist has all
-NODE_ALIVE_S = 3.0
+NODE_ALIVE_S = 3.0  # a peer heard from within this is alive (lead time, state, transfers)
 
 
 @dataclass

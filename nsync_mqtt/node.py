@@ -32,12 +32,12 @@ from nsync_mqtt.config import NodeConfig, parse_host_port
 from nsync_mqtt.effects import PLAY, STOP, Decode, Effects, SinkPlan
 from nsync_mqtt.errors import NSyncError, ProtocolError
 from nsync_mqtt.guard import Faults, LoopWatchdog, forever, log_tasks
-from nsync_mqtt.master import STATE_PUBLISH_DELAY_S
+from nsync_mqtt.master import NODE_ALIVE_S, STATE_PUBLISH_DELAY_S
 from nsync_mqtt.messages import Topics, decode_chunk, encode_chunk
 from nsync_mqtt.persist import StateFile
 from nsync_mqtt.playlist import RATE
 from nsync_mqtt.replication import Manifest, SongStore, TransferQueue, chunk_header, read_chunk
-from nsync_mqtt.speaker import NODE_ALIVE_S, Speaker
+from nsync_mqtt.speaker import Speaker
 from nsync_mqtt.wire import PeerState
 
 log = logging.getLogger("nsync.node")

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from nsync_mqtt import wire
 from nsync_mqtt.effects import HOLD, PLAY, STOP, Decode, Effects, Publish, SendChunks, SinkPlan
 from nsync_mqtt.errors import ProtocolError
-from nsync_mqtt.master import Master
+from nsync_mqtt.master import NODE_ALIVE_S, Master
 from nsync_mqtt.messages import Message, Topics, decode, encode
 from nsync_mqtt.persist import Durable
 from nsync_mqtt.playlist import PLAYING, Mismatch, PlayerState, StaleOp, apply_op, takes_sync
@@ -49,7 +49,6 @@ from nsync_mqtt.wire import PeerState, parse_body
 
 log = logging.getLogger("nsync.node")
 
-NODE_ALIVE_S = 3.0
 BROKER_FAILOVER_GRACE_S = 1.5  # per broker in the list, before a masterless node gives up
 SYNC_RETRY_S = 0.5  # a node waiting for the master's state asks again this often
 PING_BURST_SAMPLES = 32  # samples taken quickly after a master change ...
@@ -183,7 +182,7 @@ class Speaker:
         return self.timing.ping_interval_s
 
     def send(self, eff: Effects, type_: str, **body: Any) -> None:
-        eff.out.append(self._msg(f"{type_}", type_, body))
+        eff.out.append(self._msg(type_, type_, body))
 
     def send_to(self, eff: Effects, node: str, type_: str, **body: Any) -> None:
         eff.out.append(self._msg(f"to/{node}", type_, body))

@@ -37,7 +37,9 @@ from typing import Any
 from nsync_lab.memlib import MemoryLibrary
 from nsync_mqtt.effects import PLAY, STOP, Effects, Publish, SinkPlan
 from nsync_mqtt.errors import ProtocolError
+from nsync_mqtt.master import STATE_PUBLISH_DELAY_S
 from nsync_mqtt.messages import Topics
+from nsync_mqtt.node import HOUSEKEEPING_S, NODE_STATE_PERIOD_S
 from nsync_mqtt.persist import Durable
 from nsync_mqtt.playlist import PLAYING, RATE
 from nsync_mqtt.speaker import Speaker
@@ -51,9 +53,6 @@ from .faults import Fault, FaultRunner, plan
 from .world import Timer, World
 
 CLUSTER = "sim"
-HOUSEKEEPING_S = 0.1
-NODE_STATE_PERIOD_S = 1.0
-STATE_PUBLISH_DELAY_S = 0.02
 RECONNECT_S = (0.1, 1.0)  # reconnect backoff, doubling
 ELECTION_BOUND_S = 5.0  # a master and agreement within this after the last fault healed
 SINK_TOLERANCE_S = 0.005
