@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -43,7 +44,11 @@ def main() -> None:
         print(json.dumps(add_up(common.RESULTS / args.sum), indent=1))
         return
     logging.disable(logging.CRITICAL)
-    doc: dict[str, object] = {"machine": common.machine(), "when": common.now_iso()}
+    doc: dict[str, object] = {
+        "machine": common.machine(),
+        "when": common.now_iso(),
+        "commit": commit(),
+    }
     if args.long_seed is not None:
         t0 = time.perf_counter()
         o = run_seed(args.long_seed, "long-seed")
@@ -72,22 +77,37 @@ def main() -> None:
         print(f"wrote {path}")
 
 
+def commit() -> str:
+    """The commit the simulator ran (chunks of a long profile may span several)."""
+    out = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        cwd=Path(__file__).parent,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return out.stdout.strip() or "unknown"
+
+
 def add_up(folder: Path) -> dict[str, object]:
     """Totals over the chunk files of a long profile, and the ranges of seeds they cover."""
     keys = ("seeds", "sim_s", "faults", "events", "commands", "acked_enqueues", "checks")
     totals: dict[str, float] = dict.fromkeys(keys, 0)
     totals["wall_s"] = 0.0
     ranges, failures = [], []
+    commits: set[str] = set()
     for path in sorted(folder.glob("seeds-*.json")):
         prof = json.loads(path.read_text())["profile"]
         for k in (*keys, "wall_s"):
             totals[k] += prof[k]
         ranges.append(prof["seeds"])
+        commits.add(json.loads(path.read_text()).get("commit", "before commits were recorded"))
         failures += prof["failures"]
     return {
         **totals,
         "simulated_hours": round(totals["sim_s"] / 3600, 1),
         "chunks": ranges,
+        "commits": sorted(commits),
         "failures": failures,
     }
 
