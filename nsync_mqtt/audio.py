@@ -22,11 +22,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import struct
 import threading
 import time
-import warnings
 import wave
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -36,6 +36,7 @@ from typing import Any
 
 from nsync_mqtt.errors import ConfigError, NSyncError
 from nsync_mqtt.guard import Faults
+from nsync_mqtt.stream import REANCHOR_S, Feeder, scale_pcm
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,12 @@ FRAME_BYTES = CHANNELS * SAMPLE_WIDTH
 
 BLOCK_S = 0.05
 """Longest block a sink commits (and the virtual sink logs) at once."""
+BLOCK_NS = round(BLOCK_S * 1e9)
 COMMIT_AHEAD_NS = 5_000_000
 """The virtual sink commits (logs) a block this long before its first frame reaches the DAC."""
 LATE_START_MARGIN_NS = 2_000_000
-"""A play whose time has passed starts this far in the future, so its first block is committed
-before it starts."""
+"""After an idle spell the virtual stream resumes this far in the future, so its first block is
+committed before it plays."""
 SIMPLEAUDIO_LATENCY_S = 0.1
 SINK_ERROR_PAUSE_S = 0.05  # the sink thread waits this long after a failed turn
 """simpleaudio opens ALSA "default" on every play; sound reaches the DAC about this much later."""
@@ -280,14 +282,26 @@ class Sink(ABC):
         time.sleep(SINK_ERROR_PAUSE_S)
 
     @abstractmethod
-    def play(self, song: str, track: PcmTrack | None, frame: int, at_host: float) -> None:
-        """Play ``song`` from ``frame`` when host ``time.monotonic()`` reaches ``at_host``.
+    def play(
+        self, song: str, track: PcmTrack | None, frame: int, at_host: float, speed: float = 1.0
+    ) -> bool:
+        """Play ``song`` from ``frame`` when host ``time.monotonic()`` reaches ``at_host``, the
+        song advancing ``speed`` seconds per host second (the master's clock seen from here).
 
         A time in the past starts at the frame that time dictates, ``frame + (now-at_host)·rate``.
         Replaces whatever plays or is scheduled (the current song plays on until then). Without a
         track (not decoded yet) the sink plays silence until ``attach``, then the song from the
-        frame time dictates.
+        frame time dictates. If ``song`` already plays within ``REANCHOR_S`` of this schedule it
+        keeps playing (steered onto it where the sink can): returns True then, else False.
         """
+
+    def retime(self, song: str, frame: int, at_host: float, speed: float = 1.0) -> None:  # noqa: B027
+        """The schedule of the song playing, through a newer clock estimate: a sink that can
+        correct steers onto it; the others ignore it."""
+
+    def sync_stats(self) -> dict[str, Any]:
+        """How far the output is from its schedule (sinks that measure it)."""
+        return {}
 
     @abstractmethod
     def attach(self, song: str, track: PcmTrack) -> None:
@@ -314,111 +328,82 @@ def _ns(t: float) -> int:
     return round(t * 1e9)
 
 
-@dataclass
-class _Session:
-    """One play: frame ``start_frame + i`` reaches the DAC at ``start_ns + i / eff_rate``."""
-
-    song: str
-    track: PcmTrack | None
-    start_frame: int
-    start_ns: int
-    eff_rate: float
-    consumed: int = 0
-    stop_ns: int | None = None
-
-    def time_of(self, i: int) -> int:
-        return self.start_ns + round(i * 1e9 / self.eff_rate)
-
-    def frames_before(self, t_ns: int) -> int:
-        """Frames of this session that reach the DAC strictly before ``t_ns``."""
-        i = max(0, int((t_ns - self.start_ns) * self.eff_rate / 1e9))
-        while self.time_of(i) < t_ns:
-            i += 1
-        while i > 0 and self.time_of(i - 1) >= t_ns:
-            i -= 1
-        return i
-
-
-@dataclass(frozen=True)
-class _Committed:
-    song: str
-    frame: int
-    frames: int
-    t_ns: int
-    end_ns: int
-    eff_rate: float
-
-
 class VirtualSink(Sink):
-    """A virtual DAC paced by the host clock, logging what it plays (``log_path`` may be None)."""
+    """A virtual streaming DAC paced by the host clock, logging what it plays (``log_path`` may
+    be None).
+
+    Its output stream is open from the sink's creation: output frame ``j`` reaches the DAC at
+    ``t0 + j / (rate × (1 + dac_drift_ppm·1e-6))`` host seconds, like a real DAC whose crystal
+    is off by ``dac_drift_ppm``. A :class:`~nsync_mqtt.stream.Feeder` decides what each block
+    holds and keeps the song on its schedule against that drift, exactly as the streaming sink
+    does against a real DAC. Blocks are committed ``COMMIT_AHEAD_NS`` before they play; while
+    idle nothing is committed or logged.
+    """
 
     def __init__(
         self, log_path: Path | str | None, dac_drift_ppm: float = 0.0, rate: int = RATE
     ) -> None:
         self.rate = rate
         self.on_finished = None
-        self.volume = 100
+        self.feeder = Feeder(rate, FRAME_BYTES, SAMPLE_WIDTH)
         self._eff_rate = rate * (1.0 + dac_drift_ppm * 1e-6)
         self._block_frames = max(1, int(rate * BLOCK_S))
         self._log = open(log_path, "a", buffering=1) if log_path is not None else None  # noqa: SIM115
         self._cond = threading.Condition()
-        self._session: _Session | None = None
-        self._next: _Session | None = None
+        self._t0 = time.monotonic_ns()
+        self._j = 0  # the next output frame to commit
+        self._resume = True  # idle: on the next play, skip the frames that went by
         self._finishes: list[tuple[int, str]] = []
-        self._recent: list[_Committed] = []
-        self._committed_ns = 0
+        self._recent: list[_Played] = []
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="nsync-virtual-sink", daemon=True)
         self._thread.start()
 
+    @property
+    def volume(self) -> int:
+        return self.feeder.volume
+
     # -- caller side
 
-    def play(self, song: str, track: PcmTrack | None, frame: int, at_host: float) -> None:
-        at_ns = _ns(at_host)
+    def play(
+        self, song: str, track: PcmTrack | None, frame: int, at_host: float, speed: float = 1.0
+    ) -> bool:
         with self._cond:
-            earliest = max(time.monotonic_ns() + LATE_START_MARGIN_NS, self._committed_ns)
-            start_frame, start_ns = frame, at_ns
-            if at_ns < earliest:
-                skip = -(-(earliest - at_ns) * self.rate // 1_000_000_000)
-                start_frame = frame + skip
-                start_ns = at_ns + -(-skip * 1_000_000_000 // self.rate)
-            new = _Session(song, track, start_frame, start_ns, self._eff_rate)
-            cur = self._session
-            if cur is not None and cur.consumed > 0 and cur.time_of(cur.consumed) < start_ns:
-                cur.stop_ns = start_ns if cur.stop_ns is None else min(cur.stop_ns, start_ns)
-                self._next = new
-            else:
-                self._session, self._next = new, None
+            kept = self.feeder.play(song, track, frame, _ns(at_host), speed)
             self._cond.notify_all()
+            return kept
+
+    def retime(self, song: str, frame: int, at_host: float, speed: float = 1.0) -> None:
+        with self._cond:
+            self.feeder.retime(song, frame, _ns(at_host), speed)
 
     def attach(self, song: str, track: PcmTrack) -> None:
         with self._cond:
-            for s in (self._session, self._next):
-                if s is not None and s.song == song and s.track is None:
-                    s.track = track
+            self.feeder.attach(song, track)
             self._cond.notify_all()
 
     def stop(self, at_host: float | None = None) -> None:
         with self._cond:
-            stop_ns = time.monotonic_ns() if at_host is None else _ns(at_host)
-            for s in (self._session, self._next):
-                if s is not None:
-                    s.stop_ns = stop_ns if s.stop_ns is None else min(s.stop_ns, stop_ns)
-            if self._next is not None and self._next.start_ns >= stop_ns:
-                self._next = None
+            self.feeder.stop(time.monotonic_ns() if at_host is None else _ns(at_host))
             self._cond.notify_all()
 
     def set_volume(self, volume: int) -> None:
-        self.volume = max(0, min(100, int(volume)))
+        with self._cond:
+            self.feeder.set_volume(volume)
 
     def position(self) -> tuple[str | None, int | None]:
         now = time.monotonic_ns()
         with self._cond:
             for c in reversed(self._recent):
                 if c.t_ns <= now < c.end_ns:
-                    offset = int((now - c.t_ns) * c.eff_rate / 1e9)
+                    offset = int((now - c.t_ns) * self._eff_rate / 1e9)
                     return c.song, c.frame + min(offset, c.frames - 1)
         return None, None
+
+    def sync_stats(self) -> dict[str, Any]:
+        """The corrector's view: last error, learnt drift, hard resyncs."""
+        with self._cond:
+            return _sync_stats(self.feeder)
 
     def close(self) -> None:
         with self._cond:
@@ -430,6 +415,9 @@ class VirtualSink(Sink):
             self._log.close()
 
     # -- sink thread
+
+    def _dac_ns(self, j: int) -> int:
+        return self._t0 + round(j * 1e9 / self._eff_rate)
 
     def _run(self) -> None:
         while True:
@@ -453,50 +441,49 @@ class VirtualSink(Sink):
                 self._finishes = [(t, s) for t, s in self._finishes if t > now]
                 return due
             wake = min((t for t, _ in self._finishes), default=None)
-            s = self._session
-            if s is None and self._next is not None:
-                self._session, self._next = self._next, None
-                continue
-            if s is not None:
-                t = s.time_of(s.consumed)
+            start = self.feeder.sounds_from()
+            if start is None:
+                self._resume = True
+            elif start - now > COMMIT_AHEAD_NS + BLOCK_NS:
+                self._resume = True  # nothing to play for a while: commit nothing till then
+                start -= COMMIT_AHEAD_NS + BLOCK_NS
+                wake = start if wake is None else min(wake, start)
+            else:
+                if self._resume:  # the stream resumes at the first frame still ahead
+                    first = (now + LATE_START_MARGIN_NS - self._t0) * self._eff_rate / 1e9
+                    self._j = max(self._j, math.ceil(first))
+                    self._resume = False
+                t = self._dac_ns(self._j)
                 if t - COMMIT_AHEAD_NS <= now:
-                    self._commit_block(s)
+                    self._commit_block()
                     continue
                 wake = t - COMMIT_AHEAD_NS if wake is None else min(wake, t - COMMIT_AHEAD_NS)
             timeout = None if wake is None else max(0.0, (wake - now) / 1e9)
             self._cond.wait(timeout)
         return None
 
-    def _commit_block(self, s: _Session) -> None:
-        frame = s.start_frame + s.consumed
-        t_ns = s.time_of(s.consumed)
-        n = self._block_frames
-        if s.track is not None:
-            n = min(n, s.track.frames - frame)
-            if n <= 0:
-                self._end_session(finished_at=t_ns)
-                return
-        if s.stop_ns is not None:
-            n = min(n, s.frames_before(s.stop_ns) - s.consumed)
-            if n <= 0:
-                self._end_session(finished_at=None)
-                return
-        s.consumed += n
-        end_ns = s.time_of(s.consumed)
-        self._committed_ns = end_ns
-        self._recent = [*self._recent[-3:], _Committed(s.song, frame, n, t_ns, end_ns, s.eff_rate)]
-        if self._log is not None:
-            song = s.song if s.track is not None else None
-            line = {"t_ns": t_ns, "song": song, "frame": frame, "frames": n, "rate": self.rate}
-            self._log.write(json.dumps(line, separators=(",", ":")) + "\n")
-        if s.track is not None and frame + n >= s.track.frames:
-            self._end_session(finished_at=end_ns)
-
-    def _end_session(self, finished_at: int | None) -> None:
-        s = self._session
-        if s is not None and finished_at is not None:
-            self._finishes.append((finished_at, s.song))
-        self._session, self._next = self._next, None
+    def _commit_block(self) -> None:
+        j, n = self._j, self._block_frames
+        out = self.feeder.render(self._dac_ns(j), n, pcm=False)
+        self._j = j + n
+        for seg in out.segments:
+            t_ns, end_ns = self._dac_ns(j + seg.offset), self._dac_ns(j + seg.offset + seg.frames)
+            if seg.song is not None:
+                played = _Played(seg.song, seg.frame, seg.frames, t_ns, end_ns)
+                self._recent = [*self._recent[-7:], played]
+            if self._log is not None:
+                line = {
+                    "t_ns": t_ns,
+                    "song": seg.song,
+                    "frame": seg.frame,
+                    "frames": seg.frames,
+                    "rate": self.rate,
+                }
+                self._log.write(json.dumps(line, separators=(",", ":")) + "\n")
+        for off_ns, song in out.finished:
+            # the feeder's times assume the nominal rate within the block; the DAC's are exact
+            k = round((off_ns - self._dac_ns(j)) * self.rate / 1e9)
+            self._finishes.append((self._dac_ns(j + k), song))
 
     def _notify_finished(self, song: str) -> None:
         cb = self.on_finished
@@ -508,6 +495,24 @@ class VirtualSink(Sink):
             log.exception("on_finished(%s) failed", song)
 
 
+@dataclass(frozen=True)
+class _Played:
+    song: str
+    frame: int
+    frames: int
+    t_ns: int
+    end_ns: int
+
+
+def _sync_stats(feeder: Feeder) -> dict[str, Any]:
+    err = feeder.last_error_s
+    return {
+        "error_ms": None if err is None else round(err * 1e3, 4),
+        "dac_drift_ppm": round(feeder.ctl.drift_ppm, 2),
+        "resyncs": feeder.ctl.jumps,
+    }
+
+
 class NullSink(VirtualSink):
     """Keeps time like the virtual sink (position, on_finished) and outputs nothing."""
 
@@ -516,16 +521,6 @@ class NullSink(VirtualSink):
 
 
 # --------------------------------------------------------------------------- simpleaudio
-
-
-def _scale(pcm: bytes, volume: int) -> bytes:
-    if volume >= 100:
-        return pcm
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import audioop  # Python >= 3.13: provided by the audioop-lts package
-
-    return audioop.mul(pcm, SAMPLE_WIDTH, volume / 100.0)
 
 
 @dataclass
@@ -576,10 +571,18 @@ class SimpleaudioSink(Sink):
         self._thread = threading.Thread(target=self._run, name="nsync-simpleaudio", daemon=True)
         self._thread.start()
 
-    def play(self, song: str, track: PcmTrack | None, frame: int, at_host: float) -> None:
+    def play(
+        self, song: str, track: PcmTrack | None, frame: int, at_host: float, speed: float = 1.0
+    ) -> bool:
+        playing, position = self.position()
+        if playing == song and position is not None:
+            expected = frame + (time.monotonic() - at_host) * self.rate
+            if abs(expected - position) < REANCHOR_S * self.rate:
+                return True  # restarting to move a fraction of a millisecond would click
         with self._cond:
             self._req = _Request(song, track, frame, at_host)
             self._cond.notify_all()
+        return False
 
     def attach(self, song: str, track: PcmTrack) -> None:
         with self._cond:
@@ -666,7 +669,7 @@ class SimpleaudioSink(Sink):
             start = max(req.at_host, now + SIMPLEAUDIO_LATENCY_S)
             if now >= start - SIMPLEAUDIO_LATENCY_S:
                 frame = req.frame + max(0, round((start - req.at_host) * self.rate))
-                pcm = _scale(req.track.read(frame, req.track.frames), self._volume)
+                pcm = scale_pcm(req.track.read(frame, req.track.frames), self._volume, SAMPLE_WIDTH)
                 if not pcm:
                     self._req = None
                     return req.song

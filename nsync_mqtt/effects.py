@@ -24,7 +24,7 @@ from typing import Any
 
 from nsync_mqtt.playlist import Operation
 
-PLAY, STOP, HOLD = "play", "stop", "hold"
+PLAY, STOP, HOLD, RETIME = "play", "stop", "hold", "retime"
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,10 @@ class Publish:
 class SinkPlan:
     """What the sink should do, on this node's clock.
 
-    ``play``: play ``song`` from ``frame`` with that frame reaching the DAC at local time ``at``;
+    ``play``: play ``song`` from ``frame`` with that frame reaching the DAC at local time ``at``,
+    the song advancing ``speed`` seconds per local second (the master's clock rate seen from
+    this node's clock);
+    ``retime``: the same schedule through a newer clock estimate (the sink steers onto it);
     ``stop``: stop at local time ``at`` (now if None), ``frame`` being the frame reached then;
     ``hold``: change nothing but the volume."""
 
@@ -47,6 +50,7 @@ class SinkPlan:
     song: str | None = None
     frame: int = 0
     at: float | None = None
+    speed: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from nsync_mqtt.broker_embed import EmbeddedBroker
 from nsync_mqtt.bus import Bus, parse_broker_url
 from nsync_mqtt.clock import SimClock
 from nsync_mqtt.config import NodeConfig, parse_host_port
-from nsync_mqtt.effects import PLAY, STOP, Decode, Effects, SinkPlan
+from nsync_mqtt.effects import PLAY, RETIME, STOP, Decode, Effects, SinkPlan
 from nsync_mqtt.errors import NSyncError, ProtocolError
 from nsync_mqtt.guard import Faults, LoopWatchdog, forever, log_tasks
 from nsync_mqtt.master import NODE_ALIVE_S, STATE_PUBLISH_DELAY_S
@@ -44,7 +44,6 @@ log = logging.getLogger("nsync.node")
 
 NODE_STATE_PERIOD_S = 1.0
 HOUSEKEEPING_S = 0.1
-REANCHOR_TOLERANCE_S = 0.002  # a playing sink this close to a new schedule keeps going
 TRANSFER_WINDOW = 2  # chunks of a background song transfer not yet taken by the broker
 TRANSFER_ACK_TIMEOUT_S = 2.0  # a chunk the broker has not taken by then no longer holds up the next
 
@@ -111,6 +110,8 @@ class Node:
         )
         self.pcm = audio.PcmCache(cfg.data_dir / "pcm")
         self.sink = audio.make_sink(cfg.sink, cfg.sink_log, cfg.dac_drift_ppm)
+        # seconds of this node's clock per host second (1 on a real box)
+        self._local_per_host = self.clock.from_host(1.0) - self.clock.from_host(0.0)
         self.state_file = StateFile(cfg.data_dir / "state.json")
         self.core = Speaker(
             cfg.id,
@@ -359,17 +360,21 @@ class Node:
         if plan is None:
             return
         self.sink.set_volume(plan.volume)
-        if plan.action == PLAY and plan.song is not None and plan.at is not None:
+        if plan.action in (PLAY, RETIME) and plan.song is not None and plan.at is not None:
             at_host = self.clock.to_host(plan.at)
-            if self._sink_already_there(plan.song, plan.frame, at_host):
+            speed = plan.speed * self._local_per_host
+            if plan.action == RETIME:
+                self.sink.retime(plan.song, plan.frame, at_host, speed)
                 return
+            track = self.pcm.get(plan.song)
+            if self.sink.play(plan.song, track, plan.frame, at_host, speed):
+                return  # already there: the sink steers onto the new schedule
             log.info(
                 "play %s… from frame %d in %.3f s",
                 plan.song[:12],
                 plan.frame,
                 at_host - time.monotonic(),
             )
-            self.sink.play(plan.song, self.pcm.get(plan.song), plan.frame, at_host)
             self.store.touch(plan.song, self.clock.now())
         elif plan.action == STOP and plan.at is not None:
             at_host = self.clock.to_host(plan.at)
@@ -377,16 +382,6 @@ class Node:
             self.sink.stop(at_host)
         elif plan.action == STOP:
             self.sink.stop()
-
-    def _sink_already_there(self, song: str, frame: int, at_host: float) -> bool:
-        """The sink already plays `song` where this schedule puts it (within
-        REANCHOR_TOLERANCE_S): a new master's schedule, mapped through a fresh clock estimate,
-        differs by a fraction of a millisecond, and re-anchoring for that would click."""
-        playing, position = self.sink.position()
-        if playing != song or position is None:
-            return False
-        expected = frame + (time.monotonic() - at_host) * RATE
-        return abs(expected - position) < REANCHOR_TOLERANCE_S * RATE
 
     def _finished_from_sink(self, song: str) -> None:
         if self.loop is not None:

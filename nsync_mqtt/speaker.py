@@ -24,7 +24,17 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from nsync_mqtt import wire
-from nsync_mqtt.effects import HOLD, PLAY, STOP, Decode, Effects, Publish, SendChunks, SinkPlan
+from nsync_mqtt.effects import (
+    HOLD,
+    PLAY,
+    RETIME,
+    STOP,
+    Decode,
+    Effects,
+    Publish,
+    SendChunks,
+    SinkPlan,
+)
 from nsync_mqtt.errors import ProtocolError
 from nsync_mqtt.master import NODE_ALIVE_S, Master
 from nsync_mqtt.messages import Message, Topics, decode, encode
@@ -275,11 +285,13 @@ class Speaker:
         if msg.src != self.election.master or msg.term != self.election.term:
             return
         was = self.est.calibrated
-        self.est.add(pong.t1, pong.t2, pong.t3, rx)
+        sample = self.est.add(pong.t1, pong.t2, pong.t3, rx)
         if not was and self.est.calibrated:
             log.info("clock calibrated against %s: %s", msg.src, self.est.stats())
             if self._sink_pending:
                 self.drive_sink(now, eff, force=True)
+        elif sample is not None and self.est.calibrated:
+            self.retime_sink(eff)
 
     def _op(self, now: float, eff: Effects, msg: Message, body: wire.Op, rx: float) -> None:
         if msg.term < self.election.term:
@@ -566,14 +578,32 @@ class Speaker:
                     eff.decode.append(Decode(pb.song))
                 else:
                     self.want(now, eff, pb.song, None)
-            eff.sink = SinkPlan(PLAY, volume, pb.song, pb.frame, self.to_local(pb.at))
+            at = self.to_local(pb.at)
+            eff.sink = SinkPlan(PLAY, volume, pb.song, pb.frame, at, self.speed())
         elif pb.at is not None:
             eff.sink = SinkPlan(STOP, volume, pb.song, pb.frame, self.to_local(pb.at))
         else:
             eff.sink = SinkPlan(STOP, volume)
 
+    def retime_sink(self, eff: Effects) -> None:
+        """The clock estimate moved: map the playing song's schedule through it again, so the
+        sink steers onto where the master's clock now puts it (within a song, node and master
+        clocks drift apart by up to ~0.1 ms a second)."""
+        pb = self.state.playback
+        if eff.sink is not None or self._sink_pending or self._scheduled is None:
+            return
+        if self._scheduled[0] != pb:
+            return
+        if pb.state == PLAYING and pb.song is not None and pb.at is not None:
+            local = self.to_local(pb.at)
+            eff.sink = SinkPlan(RETIME, self.state.volume, pb.song, pb.frame, local, self.speed())
+
     def to_local(self, t_master: float) -> float:
         return t_master if self.master is not None else self.est.to_local(t_master)
+
+    def speed(self) -> float:
+        """Master seconds per second of this node's clock."""
+        return 1.0 if self.master is not None else 1.0 + self.est.rate_ppm * 1e-6
 
     def sink_finished(self, now: float, song: str) -> Effects:
         """The sink played ``song`` to its end."""

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from nsync_lab.memlib import MemoryLibrary
-from nsync_mqtt.effects import PLAY, Effects, Publish
+from nsync_mqtt.effects import PLAY, RETIME, Effects, Publish
 from nsync_mqtt.messages import Topics, decode, encode
 from nsync_mqtt.persist import Durable
 from nsync_mqtt.speaker import Speaker
@@ -152,8 +152,12 @@ def test_a_speaker_schedules_its_sink_only_after_calibration(net: Net) -> None:
         got = b.step(net.now + 0.001, pong.out[0].payload, rx=net.now + 0.001)
         if got.sink is not None:
             plans.append(got.sink)
-    assert b.est.calibrated and [p.action for p in plans] == [PLAY]
-    assert plans[0].song == SONG and plans[0].frame == 0
+    # then every newer estimate maps the same schedule again: the sink steers onto it
+    assert b.est.calibrated and [p.action for p in plans] == [PLAY] + [RETIME] * (len(plans) - 1)
+    assert len(plans) > 1
+    assert {(p.song, p.frame) for p in plans} == {(SONG, 0)}
+    assert plans[-1].at == pytest.approx(b.est.to_local(b.state.playback.at), abs=1e-9)
+    assert plans[-1].speed == 1.0 + b.est.rate_ppm * 1e-6
 
 
 def test_a_higher_term_deposes_the_master_and_its_waiting_clients_hear_it(net: Net) -> None:

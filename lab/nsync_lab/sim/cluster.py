@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nsync_lab.memlib import MemoryLibrary
-from nsync_mqtt.effects import PLAY, STOP, Effects, Publish, SinkPlan
+from nsync_mqtt.effects import PLAY, RETIME, STOP, Effects, Publish, SinkPlan
 from nsync_mqtt.errors import ProtocolError
 from nsync_mqtt.master import STATE_PUBLISH_DELAY_S
 from nsync_mqtt.messages import Topics
@@ -312,7 +312,12 @@ class SimNode:
     def _drive_sink(self, plan: SinkPlan) -> None:
         s = self.sink
         s.volume = plan.volume
-        if plan.action == PLAY and plan.song is not None and plan.at is not None:
+        if plan.action == RETIME and plan.song is not None and plan.at is not None:
+            # an ideal sink: on the newer schedule at once (a real one steers within seconds)
+            if s.song == plan.song and s.stop_at_true is None:
+                s.frame, s.at_true = plan.frame, self.clock.to_true(plan.at)
+                self._finish_timer(plan.song, plan.frame, s.at_true)
+        elif plan.action == PLAY and plan.song is not None and plan.at is not None:
             at_true = self.clock.to_true(plan.at)
             song, pos = s.position(self.world.now)
             if song == plan.song and pos is not None:
@@ -320,17 +325,19 @@ class SimNode:
                 if abs(expected - pos) < 0.002 * RATE:
                     return  # already there: no re-anchor (as node.py)
             self.sink = SinkState(plan.song, plan.frame, at_true, None, plan.volume)
-            frames = self.lib.frames(plan.song) or 0
-            end = at_true + max(0, frames - plan.frame) / RATE
-            if self.sink_timer is not None:
-                self.sink_timer.cancel()
-            self.sink_timer = self.world.at(max(end, self.world.now), self._finished, plan.song)
+            self._finish_timer(plan.song, plan.frame, at_true)
         elif plan.action == STOP:
             stop = self.world.now if plan.at is None else self.clock.to_true(plan.at)
             s.stop_at_true = max(stop, self.world.now) if s.song is not None else None
             if self.sink_timer is not None and s.song is not None:
                 self.sink_timer.cancel()
                 self.sink_timer = None
+
+    def _finish_timer(self, song: str, frame: int, at_true: float) -> None:
+        end = at_true + max(0, (self.lib.frames(song) or 0) - frame) / RATE
+        if self.sink_timer is not None:
+            self.sink_timer.cancel()
+        self.sink_timer = self.world.at(max(end, self.world.now), self._finished, song)
 
     def _finished(self, song: str) -> None:
         self.sink_timer = None
