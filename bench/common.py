@@ -187,6 +187,33 @@ def write_png(path: Path, width: int, height: int, dark: set[tuple[int, int]]) -
     )
 
 
+def write_png_rgb(
+    path: Path, width: int, height: int, pixels: dict[tuple[int, int], tuple[int, int, int]]
+) -> None:
+    """A PNG (8-bit RGB) on white with the given pixels coloured; no imaging library."""
+    import struct
+    import zlib
+
+    rows = bytearray()
+    white = (255, 255, 255)
+    for y in range(height):
+        rows.append(0)  # filter: none
+        for x in range(width):
+            rows.extend(pixels.get((x, y), white))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(bytes(rows), 9))
+        + chunk(b"IEND", b"")
+    )
+
+
 def step_plot_png(
     path: Path, spans: Sequence[tuple[float, float]], t_end: float, width: int = 900
 ) -> None:

@@ -83,13 +83,19 @@ def skew_ns(log_a: Iterable[Block], log_b: Iterable[Block], song: str, k: int) -
     return None if ta is None or tb is None else ta - tb
 
 
+STEER_FRAMES = 2
+"""A streaming sink steers by inserting or dropping single frames: a block that picks up this
+close to where the previous one ended continues the same run."""
+
+
 def played_ranges(
     blocks: Iterable[Block], song: str, tolerance_ns: int = 1_000_000
 ) -> list[tuple[int, int, int]]:
     """``(first_frame, end_frame_exclusive, t_start_ns)`` runs of contiguous blocks of ``song``.
 
-    Blocks are contiguous when the next one continues both the frames and the time (within
-    ``tolerance_ns``): a pause resumed at the same frame starts a new run.
+    Blocks are contiguous when the next one continues both the frames (within ``STEER_FRAMES``:
+    the drift corrector drops or repeats single frames) and the time (within ``tolerance_ns``):
+    a pause resumed at the same frame starts a new run.
     """
     out: list[tuple[int, int, int]] = []
     prev: Block | None = None
@@ -101,7 +107,7 @@ def played_ranges(
         if (
             prev is not None
             and out
-            and b.frame == prev.end_frame
+            and 0 <= b.frame - prev.end_frame <= STEER_FRAMES
             and abs(b.t_ns - prev_end_ns) <= tolerance_ns
         ):
             first, _, t0 = out[-1]

@@ -22,7 +22,8 @@ from typing import Protocol
 from nsync_mqtt.drift import DriftController, Target, spread
 
 TOL_NS = 50
-"""Instants this close count as the same frame (times are whole nanoseconds, a frame ~22,676)."""
+"""A stop this close after an output frame's instant takes that frame (times are whole
+nanoseconds, a frame ~22,676)."""
 REANCHOR_S = 0.002
 """A new schedule for the playing song closer than this to where the stream is: steer, don't
 restart (a restart would click)."""
@@ -160,11 +161,11 @@ class Feeder:
 
     # -- rendering
 
-    def _until(self, t0: int, p: int, n: int, t_ns: int | None) -> int:
+    def _until(self, t0: int, p: int, n: int, t_ns: int | None, early_ns: int = TOL_NS) -> int:
         """The first output index ``>= p`` (capped at ``n``) whose time is at or after ``t_ns``."""
         if t_ns is None:
             return n
-        q = math.ceil((t_ns - TOL_NS - t0) * self.rate / 1e9)
+        q = math.ceil((t_ns - early_ns - t0) * self.rate / 1e9)
         return max(p, min(n, q))
 
     def render(self, t_ns: int, n: int, pcm: bool = True) -> Rendered:
@@ -175,10 +176,12 @@ class Feeder:
         p = 0
         steered = False
         marks: list[tuple[int, int]] = []
+        # a start goes to the output frame nearest its instant, so frame 0 is never skipped
+        half = round(5e8 / self.rate)
         while p < n:
             t = t_ns + round(p * 1e9 / self.rate)
             nxt = self.next
-            if nxt is not None and nxt.target.at_ns <= t + TOL_NS:
+            if nxt is not None and nxt.target.at_ns <= t + half:
                 self.cur, self.next, nxt = nxt, None, None
                 self.ctl.restart()
                 steered, marks = False, []
@@ -186,10 +189,10 @@ class Feeder:
             if cur is not None and cur.stop_ns is not None and cur.stop_ns <= t + TOL_NS:
                 self.cur = None
                 continue
-            if cur is None or (cur.pos is None and cur.target.at_ns > t + TOL_NS):
+            if cur is None or (cur.pos is None and cur.target.at_ns > t + half):
                 # silence until something starts
                 starts = [x.target.at_ns for x in (self.cur, self.next) if x is not None]
-                q = self._until(t_ns, p + 1, n, min(starts) if starts else None)
+                q = self._until(t_ns, p + 1, n, min(starts) if starts else None, half)
                 if out is not None:
                     out += bytes((q - p) * fb)
                 p = q
@@ -211,7 +214,7 @@ class Feeder:
                 continue
             q = min(
                 self._until(t_ns, p + 1, n, cur.stop_ns),
-                self._until(t_ns, p + 1, n, nxt.target.at_ns if nxt is not None else None),
+                self._until(t_ns, p + 1, n, nxt.target.at_ns if nxt is not None else None, half),
             )
             while marks and marks[0][0] < p:
                 marks.pop(0)

@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import random
 import threading
 from collections.abc import Callable
 
@@ -57,7 +58,7 @@ class _Link:
         try:
             while True:
                 data = await src.read(CHUNK_BYTES)
-                queue.put_nowait((loop.time() + self._proxy._delay_s, data))
+                queue.put_nowait((loop.time() + self._proxy.added_delay(), data))
                 if not data:
                     return
         except OSError as err:
@@ -113,6 +114,8 @@ class FaultProxy:
         self.port = listen_port
         self._cut = False
         self._delay_s = 0.0
+        self._jitter_s = 0.0
+        self._rng = random.Random(0)
         self._target_down = False  # the last connection to the target failed
         self._links: set[_Link] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -183,6 +186,24 @@ class FaultProxy:
             self._delay_s = float(seconds)
 
         self._control(apply)
+
+    def jitter(self, seconds: float, seed: int = 0) -> None:
+        """Add a further uniform 0..``seconds`` to each chunk's delay, both ways (bytes keep
+        their order, as TCP does: a chunk never overtakes the one before it)."""
+        if not seconds >= 0:
+            raise ValueError(f"jitter must be >= 0 seconds, got {seconds!r}")
+
+        def apply() -> None:
+            self._jitter_s = float(seconds)
+            self._rng = random.Random(seed)
+
+        self._control(apply)
+
+    def added_delay(self) -> float:
+        """The delay of the next chunk (proxy thread only)."""
+        if self._jitter_s <= 0:
+            return self._delay_s
+        return self._delay_s + self._rng.uniform(0.0, self._jitter_s)
 
     def heal(self) -> None:
         """Accept and relay normally again; bytes held by ``blackhole()`` are delivered."""

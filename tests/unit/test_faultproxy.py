@@ -142,6 +142,22 @@ def test_delay_keeps_order_when_lowered(proxy: FaultProxy) -> None:
         assert recv_exactly(sock, 11) == b"firstsecond"
 
 
+def test_jitter_varies_the_latency_and_keeps_the_order(proxy: FaultProxy) -> None:
+    with connect(proxy) as sock:
+        proxy.jitter(0.03, seed=1)
+        times, got = [], b""
+        for i in range(8):
+            start = time.monotonic()
+            assert roundtrip(sock, b"%d" % i) == b"%d" % i
+            times.append(time.monotonic() - start)
+            got += b"%d" % i
+        assert got == b"01234567"
+        assert max(times) - min(times) > 0.005  # two uniform 0-30 ms draws per round trip
+        assert max(times) < 2 * 0.03 + 0.5
+        with pytest.raises(ValueError):
+            proxy.jitter(-1)
+
+
 def test_cut_closes_connections_and_refuses_new_ones_until_heal(
     proxy: FaultProxy, echo: EchoServer
 ) -> None:

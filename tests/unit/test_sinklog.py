@@ -86,6 +86,17 @@ def test_played_ranges_merge_contiguous_blocks_only() -> None:
     assert played_ranges(blocks, "c") == []
 
 
+def test_a_frame_dropped_or_repeated_by_the_corrector_continues_the_run() -> None:
+    frame_ns = round(1e9 / R)
+    blocks = [
+        Block(0, "a", 0, 100, R),
+        Block(100 * frame_ns, "a", 101, 100, R),  # frame 100 dropped
+        Block(201 * frame_ns, "a", 201, 100, R),  # one frame repeated before 201
+        Block(302 * frame_ns, "a", 310, 100, R),  # 9 frames further on: a seek
+    ]
+    assert played_ranges(blocks, "a") == [(0, 301, 0), (310, 410, 302 * frame_ns)]
+
+
 def test_max_skew_spans_all_logs_that_played_a_frame() -> None:
     logs = {
         "n1": run("a", 0, 0, 4),
