@@ -278,7 +278,7 @@ def main() -> None:
                     proxies.append(p)
             node_specs = specs(args.nodes, rng, proxies)
             cluster = NodeCluster(b.url, Path(tmp) / "cluster", node_specs)
-            with cluster.start():
+            with cluster:
                 cluster.wait_ready(timeout_s=60)
                 with cluster.client(timeout=30.0) as client:
                     for i in range(SONGS):

@@ -233,6 +233,9 @@ class NodeCluster:
         return self.workdir / f"{node}.log"
 
     def start_node(self, node: str) -> None:
+        running = self.procs.get(node)
+        if running is not None and running.poll() is None:
+            raise RuntimeError(f"node {node} is already running (pid {running.pid})")
         spec = self.specs[node]
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / f"{node}.yaml"
