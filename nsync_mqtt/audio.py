@@ -29,6 +29,7 @@ import threading
 import time
 import wave
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -689,12 +690,237 @@ class SimpleaudioSink(Sink):
         return ""
 
 
-def make_sink(kind: str, log_path: Path | str | None, dac_drift_ppm: float) -> Sink:
-    """The sink named by the ``sink`` setting: virtual, none or simpleaudio."""
+# --------------------------------------------------------------------------- the streaming sink
+
+STREAM_BLOCK_FRAMES = 441
+"""Frames per callback of the streaming sink (10 ms): its corrector measures this often."""
+STREAM_CLOCK_WINDOW = 64
+"""Callbacks over which the stream clock's offset to host time is taken (their minimum)."""
+STREAM_LATENCY_S = 0.04
+"""Output latency asked of the device: well below the master's shortest lead (80 ms), so a
+start scheduled that far ahead is rendered in time."""
+
+
+class StreamSink(Sink):
+    """One output stream kept open on an audio device (PortAudio, through ``sounddevice``),
+    fed block by block by a :class:`~nsync_mqtt.stream.Feeder`.
+
+    PortAudio tells each callback when its first frame will reach the DAC
+    (``outputBufferDacTime``, on the stream's clock, mapped here onto host monotonic time);
+    the feeder compares that with the schedule and steers by single frames. Between songs the
+    stream plays silence. Volume is applied in the stream. ``log_path`` (optional) gets the
+    virtual sink's JSON lines, stamped with the DAC times PortAudio reported.
+    """
+
+    def __init__(
+        self,
+        device: str | int | None = None,
+        rate: int = RATE,
+        log_path: Path | str | None = None,
+        block_frames: int = STREAM_BLOCK_FRAMES,
+        latency_s: float = STREAM_LATENCY_S,
+    ) -> None:
+        try:
+            import sounddevice
+        except Exception as err:  # the module, or the PortAudio library under it
+            raise AudioDeviceError(f"sounddevice (PortAudio) is not available: {err}") from err
+        self.rate = rate
+        self.on_finished = None
+        self.feeder = Feeder(rate, FRAME_BYTES, SAMPLE_WIDTH)
+        self.underruns = 0
+        self._offsets: deque[float] = deque(maxlen=STREAM_CLOCK_WINDOW)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._events: list[tuple[int, str | None, _Played | None]] = []
+        self._recent: list[_Played] = []
+        self._closed = False
+        self._log = open(log_path, "a", buffering=1) if log_path is not None else None  # noqa: SIM115
+        self._thread = threading.Thread(target=self._notify, name="nsync-stream", daemon=True)
+        self._thread.start()
+        try:
+            self._stream = sounddevice.RawOutputStream(
+                samplerate=rate,
+                channels=CHANNELS,
+                dtype="int16",
+                device=device,
+                blocksize=block_frames,
+                latency=latency_s,
+                callback=self._callback,
+            )
+            self._stream.start()
+        except Exception as err:
+            self.close()
+            where = "the default device" if device is None else f"device {device!r}"
+            raise AudioDeviceError(f"cannot open {where} for output: {err}") from err
+        self.device_latency_s = float(self._stream.latency)
+        log.info(
+            "streaming to %s: %d frames per block, %.1f ms output latency",
+            "the default device" if device is None else device,
+            block_frames,
+            self.device_latency_s * 1e3,
+        )
+
+    # -- caller side
+
+    def play(
+        self, song: str, track: PcmTrack | None, frame: int, at_host: float, speed: float = 1.0
+    ) -> bool:
+        with self._lock:
+            return self.feeder.play(song, track, frame, _ns(at_host), speed)
+
+    def retime(self, song: str, frame: int, at_host: float, speed: float = 1.0) -> None:
+        with self._lock:
+            self.feeder.retime(song, frame, _ns(at_host), speed)
+
+    def attach(self, song: str, track: PcmTrack) -> None:
+        with self._lock:
+            self.feeder.attach(song, track)
+
+    def stop(self, at_host: float | None = None) -> None:
+        with self._lock:
+            self.feeder.stop(time.monotonic_ns() if at_host is None else _ns(at_host))
+
+    def set_volume(self, volume: int) -> None:
+        with self._lock:
+            self.feeder.set_volume(volume)
+
+    def position(self) -> tuple[str | None, int | None]:
+        now = time.monotonic_ns()
+        with self._cond:
+            for c in reversed(self._recent):
+                if c.t_ns <= now < c.end_ns:
+                    return c.song, c.frame + int((now - c.t_ns) * self.rate / 1e9)
+        return None, None
+
+    def sync_stats(self) -> dict[str, Any]:
+        with self._lock:
+            stats = _sync_stats(self.feeder)
+        stats["underruns"] = self.underruns
+        return stats
+
+    def close(self) -> None:
+        stream = getattr(self, "_stream", None)
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.stop()
+                stream.close()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=2.0)
+        if self._log is not None:
+            self._log.close()
+
+    # -- PortAudio's thread: render, never block on anything but the feeder's lock
+
+    def _callback(self, outdata: Any, frames: int, time_info: Any, status: Any) -> None:
+        now = time.monotonic()
+        ahead = time_info.outputBufferDacTime - time_info.currentTime
+        if time_info.outputBufferDacTime > 0 and 0 <= ahead < 1.0:
+            # PortAudio's stream clock (CLOCK_REALTIME on ALSA) onto host monotonic time: the
+            # offset read here is late by however long the callback took to be entered, so
+            # the smallest of the recent ones is the truest
+            self._offsets.append(now - time_info.currentTime)
+            t = time_info.outputBufferDacTime + min(self._offsets)
+        else:
+            t = now + self.device_latency_s  # a host API without DAC times
+        if status.output_underflow:
+            self.underruns += 1
+        t_ns = round(t * 1e9)
+        try:
+            with self._lock:
+                out = self.feeder.render(t_ns, frames, pcm=True)
+            assert out.pcm is not None
+            outdata[:] = out.pcm
+        except Exception as err:  # never let an error stop the stream: play silence
+            outdata[:] = bytes(frames * FRAME_BYTES)
+            self.faults.record("stream callback", err)
+            return
+        if out.segments or out.finished:
+            with self._cond:
+                for seg in out.segments:
+                    t = t_ns + round(seg.offset * 1e9 / self.rate)
+                    end = t + round(seg.frames * 1e9 / self.rate)
+                    played = _Played(seg.song or "", seg.frame, seg.frames, t, end)
+                    self._events.append((t, None, played))
+                    if seg.song is not None:
+                        self._recent = [*self._recent[-7:], played]
+                for t, song in out.finished:
+                    self._events.append((t, song, None))
+                self._cond.notify_all()
+
+    # -- the notifier thread: log lines, and songs finished once their end reached the DAC
+
+    def _notify(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed:
+                    now = time.monotonic_ns()
+                    logs = [p for _, s, p in self._events if p is not None]
+                    due = [s for t, s, p in self._events if p is None and t <= now]
+                    if logs or due:
+                        self._events = [e for e in self._events if e[2] is None and e[1] not in due]
+                        break
+                    waits = [t for t, _, p in self._events if p is None]
+                    self._cond.wait(None if not waits else max(0.0, (min(waits) - now) / 1e9))
+                else:
+                    return
+            if self._log is not None:
+                for p in logs:
+                    line = {
+                        "t_ns": p.t_ns,
+                        "song": p.song or None,
+                        "frame": p.frame,
+                        "frames": p.frames,
+                        "rate": self.rate,
+                    }
+                    self._log.write(json.dumps(line, separators=(",", ":")) + "\n")
+            for song in due:
+                if song is not None and self.on_finished is not None:
+                    try:
+                        self.on_finished(song)
+                    except Exception:
+                        log.exception("on_finished(%s) failed", song)
+
+
+def make_sink(
+    kind: str, log_path: Path | str | None, dac_drift_ppm: float, device: str | None = None
+) -> Sink:
+    """The sink named by the ``sink`` setting: stream, simpleaudio, virtual or none."""
+    if kind == "stream":
+        return StreamSink(_device(device), log_path=log_path)
     if kind == "virtual":
         return VirtualSink(log_path, dac_drift_ppm)
     if kind == "none":
         return NullSink(dac_drift_ppm)
     if kind == "simpleaudio":
         return SimpleaudioSink()
-    raise ConfigError(f"sink: unknown sink {kind!r} (expected virtual, none or simpleaudio)")
+    raise ConfigError(
+        f"sink: unknown sink {kind!r} (expected stream, simpleaudio, virtual or none)"
+    )
+
+
+def list_output_devices() -> str:
+    """The output devices PortAudio offers, one per line (number, name, host API), the default
+    marked with ``*``: what ``--audio-device`` takes."""
+    try:
+        import sounddevice
+    except Exception as err:
+        raise AudioDeviceError(f"sounddevice (PortAudio) is not available: {err}") from err
+    apis = sounddevice.query_hostapis()
+    default = sounddevice.default.device[1]
+    lines = []
+    for i, dev in enumerate(sounddevice.query_devices()):
+        if dev["max_output_channels"] > 0:
+            mark = "*" if i == default else " "
+            api = apis[dev["hostapi"]]["name"]
+            lines.append(f"{mark} {i:2d}  {dev['name']}  ({api}, {dev['max_output_channels']} out)")
+    return "\n".join(lines) if lines else "no audio output devices"
+
+
+def _device(device: str | None) -> str | int | None:
+    """A PortAudio device: its index (digits) or (part of) its name; None: the default."""
+    if device is None or device == "":
+        return None
+    return int(device) if device.isdigit() else device

@@ -45,8 +45,17 @@ def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="user:argon2-hash lines for the embedded broker (see nsync_mqtt.broker_embed)",
     )
     p.add_argument("--data-dir", help="where songs and decoded audio are kept")
-    p.add_argument("--sink", help="simpleaudio (default), virtual or none")
-    p.add_argument("--sink-log", help="JSON-lines log of the virtual sink")
+    p.add_argument(
+        "--sink",
+        help="stream (default: an open stream steered sample by sample), simpleaudio, "
+        "virtual or none",
+    )
+    p.add_argument("--sink-log", help="JSON-lines log of what the sink played, and when")
+    p.add_argument(
+        "--audio-device",
+        metavar="DEVICE",
+        help="the stream sink's output: a PortAudio device number or name (nsync devices)",
+    )
     p.add_argument("--clock-offset", type=float, metavar="SECONDS", help="simulate a clock offset")
     p.add_argument("--clock-drift-ppm", type=float, metavar="PPM", help="simulate clock drift")
     p.add_argument(
@@ -81,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--speakers", type=int, default=3, help="number of nodes (odd, default 3)")
     d.add_argument("--seconds", type=float, default=None, help="end after this many seconds")
     d.add_argument("--audio", action="store_true", help="play through the sound card")
+    sub.add_parser("devices", help="list the audio outputs the stream sink can use")
     for verb in ("play", "pause", "forward", "backward", "stop", "status"):
         sub.add_parser(verb, help=f"{verb} the cluster")
     ld = sub.add_parser("load", help="send a song file to the cluster")
@@ -106,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_node(args)
         if args.command == "broker":
             return _cmd_broker(args)
+        if args.command == "devices":
+            from nsync_mqtt.audio import list_output_devices
+
+            print(list_output_devices())
+            return 0
         if args.command == "demo":
             from nsync_mqtt.demo import run_demo
 
@@ -145,6 +160,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
         "data_dir": args.data_dir,
         "sink": args.sink,
         "sink_log": args.sink_log,
+        "audio_device": args.audio_device,
         "clock_offset": args.clock_offset,
         "clock_drift_ppm": args.clock_drift_ppm,
         "dac_drift_ppm": args.dac_drift_ppm,

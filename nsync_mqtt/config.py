@@ -20,7 +20,7 @@ from nsync_mqtt.errors import ConfigError
 from nsync_mqtt.messages import ID_RE
 from nsync_mqtt.timing import Timing
 
-SINKS = ("simpleaudio", "virtual", "none")
+SINKS = ("stream", "simpleaudio", "virtual", "none")
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,9 @@ class NodeConfig:
     embed_broker: str | None = None
     embed_broker_password_file: Path | None = None
     data_dir: Path = Path("nsync-data")
-    sink: str = "simpleaudio"
+    sink: str = "stream"
     sink_log: Path | None = None
+    audio_device: str | None = None
     clock_offset: float = 0.0
     clock_drift_ppm: float = 0.0
     dac_drift_ppm: float = 0.0
@@ -159,12 +160,15 @@ def load_node_config(config_file: str | None, overrides: dict[str, Any]) -> Node
     pw_file = raw.get("embed_broker_password_file")
     if pw_file is not None and not isinstance(pw_file, str):
         raise ConfigError(f"embed_broker_password_file: must be a file path, got {pw_file!r}")
-    sink = raw.get("sink", "simpleaudio")
+    sink = raw.get("sink", "stream")
     if sink not in SINKS:
         raise ConfigError(f"sink: must be one of {', '.join(SINKS)}, got {sink!r}")
     sink_log = raw.get("sink_log")
     if sink_log is not None and not isinstance(sink_log, str):
         raise ConfigError(f"sink_log: must be a file path, got {sink_log!r}")
+    device = raw.get("audio_device")
+    if device is not None and not isinstance(device, (str, int)):
+        raise ConfigError(f"audio_device: must be a device name or number, got {device!r}")
     seed = raw.get("seed")
     return NodeConfig(
         id=node_id,
@@ -176,6 +180,7 @@ def load_node_config(config_file: str | None, overrides: dict[str, Any]) -> Node
         data_dir=Path(os.path.expanduser(str(raw.get("data_dir", f"nsync-data/{node_id}")))),
         sink=sink,
         sink_log=Path(sink_log) if sink_log else None,
+        audio_device=None if device is None else str(device),
         clock_offset=_as_float("clock_offset", raw.get("clock_offset", 0.0)),
         clock_drift_ppm=_as_float("clock_drift_ppm", raw.get("clock_drift_ppm", 0.0)),
         dac_drift_ppm=_as_float("dac_drift_ppm", raw.get("dac_drift_ppm", 0.0)),

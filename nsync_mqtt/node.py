@@ -109,7 +109,7 @@ class Node:
             max_song_bytes=cfg.max_song_mb * 1024 * 1024,
         )
         self.pcm = audio.PcmCache(cfg.data_dir / "pcm")
-        self.sink = audio.make_sink(cfg.sink, cfg.sink_log, cfg.dac_drift_ppm)
+        self.sink = audio.make_sink(cfg.sink, cfg.sink_log, cfg.dac_drift_ppm, cfg.audio_device)
         # seconds of this node's clock per host second (1 on a real box)
         self._local_per_host = self.clock.from_host(1.0) - self.clock.from_host(0.0)
         self.state_file = StateFile(cfg.data_dir / "state.json")
@@ -337,6 +337,7 @@ class Node:
         doc = self.core.node_state_doc()
         doc["faults"] = self.faults.snapshot()  # failures survived, by where and type
         doc["loop_stalls"] = self.watchdog.stalls  # event loop blocked > 0.5 s
+        doc["sink"] = {"kind": self.cfg.sink, **self.sink.sync_stats()}
         self._node_state_sent = now
         payload = json.dumps(doc, separators=(",", ":")).encode()
         self.bus.publish(self.topics.node_state(self.cfg.id), payload, retain=True)

@@ -2,7 +2,8 @@
 # Prepare a Debian 12 / Raspberry Pi OS (bookworm) machine to run NSync.
 #
 #   bash scripts/setup.sh          # what `nsync node` and `nsync demo` need
-#   bash scripts/setup.sh --test   # plus what the test suite needs (mosquitto, its clients)
+#   bash scripts/setup.sh --test   # plus what the test suite needs (mosquitto, its clients,
+#                                  # PulseAudio for the stream sink's real-audio test)
 #
 # Idempotent: when everything is present it only checks and returns within seconds.
 # Missing system packages are installed with apt-get when run as root; otherwise the script
@@ -55,8 +56,11 @@ have_cmd ffmpeg && have_cmd ffprobe || missing+=(ffmpeg)
 have_cmd gcc || missing+=(gcc)
 if command -v dpkg-query >/dev/null 2>&1; then
     is_installed libasound2-dev || missing+=(libasound2-dev)
+    # the stream sink (the default) plays through PortAudio
+    is_installed libportaudio2 || missing+=(libportaudio2)
 else
     [[ -f /usr/include/alsa/asoundlib.h ]] || missing+=(libasound2-dev)
+    ldconfig -p 2>/dev/null | grep -q libportaudio.so.2 || missing+=(libportaudio2)
 fi
 if [[ ! -f "$PY_INCLUDE/Python.h" ]]; then
     # Debian's own interpreter gets its headers from python3-dev; others (pyenv, a custom
@@ -76,6 +80,15 @@ fi
 # the tests read the cluster's topics as a user's scripts do, with mosquitto_sub
 if ((with_tests)) && ! have_cmd mosquitto_sub; then
     missing+=(mosquitto-clients)
+fi
+# the stream sink is tested against a real audio stack: a PulseAudio null sink, reached
+# through ALSA's pulse plugin, recorded with parecord
+if ((with_tests)); then
+    have_cmd pulseaudio || missing+=(pulseaudio)
+    have_cmd parecord || missing+=(pulseaudio-utils)
+    if command -v dpkg-query >/dev/null 2>&1; then
+        is_installed libasound2-plugins || missing+=(libasound2-plugins)
+    fi
 fi
 
 if ((${#missing[@]})); then

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -194,6 +195,10 @@ class NodeSpec:
     broker_url: str | None = None
     # this node's timing, over the cluster's (e.g. a shorter election timeout)
     timing: dict[str, float] = field(default_factory=dict)
+    # extra environment (e.g. PULSE_SINK, the PulseAudio sink of a stream sink)
+    env: dict[str, str] = field(default_factory=dict)
+    # this node's sink, instead of the cluster's
+    sink: str | None = None
 
 
 class NodeCluster:
@@ -261,7 +266,7 @@ class NodeCluster:
             "--data-dir",
             str(self.workdir / node),
             "--sink",
-            self.sink,
+            spec.sink or self.sink,
             "--sink-log",
             str(self.sink_log(node)),
             "--clock-offset",
@@ -273,7 +278,8 @@ class NodeCluster:
             *spec.extra,
         ]
         out = self.node_log(node).open("ab")
-        self.procs[node] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        env = {**os.environ, **spec.env} if spec.env else None
+        self.procs[node] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         out.close()
 
     def start(self) -> NodeCluster:

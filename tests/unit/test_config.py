@@ -37,6 +37,7 @@ def test_flags_only() -> None:
             "embed_broker": None,
             "sink": "virtual",
             "sink_log": "/tmp/k.jsonl",
+            "audio_device": "hw:1,0",
             "clock_offset": "0.5",
             "clock_drift_ppm": -20,
             "dac_drift_ppm": 12.5,
@@ -51,6 +52,7 @@ def test_flags_only() -> None:
     assert cfg.embed_broker is None
     assert cfg.sink == "virtual"
     assert cfg.sink_log == Path("/tmp/k.jsonl")
+    assert cfg.audio_device == "hw:1,0"
     assert (cfg.clock_offset, cfg.clock_drift_ppm, cfg.dac_drift_ppm) == (0.5, -20.0, 12.5)
     assert cfg.seed == 7
     assert cfg.data_dir == Path("nsync-data/kitchen")
@@ -63,7 +65,7 @@ def test_defaults_for_a_lone_node() -> None:
     assert cfg.majority == 1
     assert cfg.cluster == "home"
     assert cfg.broker == ("mqtt://127.0.0.1:1883",)
-    assert cfg.sink == "simpleaudio"
+    assert cfg.sink == "stream" and cfg.audio_device is None
     assert cfg.sink_log is None
     assert cfg.seed is None
     assert (cfg.chunk_size_kib, cfg.store_cap_mb, cfg.max_song_mb) == (256, 2048, 200)
