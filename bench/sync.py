@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 import os
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+from bench_clock import StateRecorder
 from common import broker, conditions, percentile, record, table
 
 from nsync_lab.faultproxy import FaultProxy
@@ -200,6 +202,23 @@ def analyse(logs: dict[str, list[Block]], events: list[tuple[float, str]]) -> di
     }
 
 
+def clock_errors(
+    updates: list[tuple[float, str, dict[str, Any]]], node_specs: list[NodeSpec]
+) -> dict[str, Any]:
+    """Each follower's published offset estimate against the truth at the time it arrived."""
+    clocks = {s.id: (s.clock_offset, s.clock_drift_ppm * 1e-6) for s in node_specs}
+    per_node: dict[str, list[float]] = defaultdict(list)
+    for host_t, node, doc in updates:
+        master = doc.get("master")
+        est = (doc.get("clock") or {}).get("offset_s")
+        if doc.get("role") != "follower" or master not in clocks or est is None:
+            continue
+        (mo, mr), (no, nr) = clocks[master], clocks[node]
+        truth = (host_t * (1 + mr) + mo) - (host_t * (1 + nr) + no)
+        per_node[node].append(abs(est - truth) * 1e9)
+    return {n: summary_us(v) for n, v in sorted(per_node.items())}
+
+
 # --------------------------------------------------------------------------- plots
 
 
@@ -261,6 +280,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--jitter-ms", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--keep", metavar="DIR", help="copy the nodes' logs and sink logs here")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     before = conditions()
@@ -280,6 +300,7 @@ def main() -> None:
             cluster = NodeCluster(b.url, Path(tmp) / "cluster", node_specs)
             with cluster:
                 cluster.wait_ready(timeout_s=60)
+                recorder = StateRecorder(b.url, cluster.cluster)
                 with cluster.client(timeout=30.0) as client:
                     for i in range(SONGS):
                         path = Path(tmp) / f"song{i}.mp3"  # 3 MB, not a 35 MB WAV
@@ -298,11 +319,20 @@ def main() -> None:
                     }
                     ok(client.stop())
                     time.sleep(0.5)
+                updates = recorder.snapshot()
+                recorder.close()
                 logs = {n: read_log(cluster.sink_log(n)) for n in cluster.specs}
+                if args.keep:
+                    keep = Path(args.keep)
+                    keep.mkdir(parents=True, exist_ok=True)
+                    for n in cluster.specs:
+                        shutil.copy(cluster.node_log(n), keep)
+                        shutil.copy(cluster.sink_log(n), keep)
         finally:
             for p in proxies:
                 p.stop()
     result = analyse(logs, events)
+    result["clock_error"] = clock_errors(updates, node_specs)
     series = result.pop("_series")
     t0 = round(t_start * 1e9)
     out = Path(__file__).parent / "results" / f"{name}-{args.broker}"
