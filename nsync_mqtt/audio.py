@@ -887,7 +887,16 @@ class StreamSink(Sink):
 def make_sink(
     kind: str, log_path: Path | str | None, dac_drift_ppm: float, device: str | None = None
 ) -> Sink:
-    """The sink named by the ``sink`` setting: stream, simpleaudio, virtual or none."""
+    """The sink named by the ``sink`` setting: auto, stream, simpleaudio, virtual or none.
+
+    ``auto`` is the stream sink wherever PortAudio opens the device, else simpleaudio (which
+    cannot correct drift within a song), said in the log."""
+    if kind == "auto":
+        try:
+            return StreamSink(_device(device), log_path=log_path)
+        except AudioDeviceError as err:
+            log.warning("stream sink unavailable (%s); falling back to simpleaudio", err)
+            return SimpleaudioSink()
     if kind == "stream":
         return StreamSink(_device(device), log_path=log_path)
     if kind == "virtual":
@@ -897,7 +906,7 @@ def make_sink(
     if kind == "simpleaudio":
         return SimpleaudioSink()
     raise ConfigError(
-        f"sink: unknown sink {kind!r} (expected stream, simpleaudio, virtual or none)"
+        f"sink: unknown sink {kind!r} (expected auto, stream, simpleaudio, virtual or none)"
     )
 
 

@@ -47,8 +47,8 @@ def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--data-dir", help="where songs and decoded audio are kept")
     p.add_argument(
         "--sink",
-        help="stream (default: an open stream steered sample by sample), simpleaudio, "
-        "virtual or none",
+        help="auto (default: stream where PortAudio works, else simpleaudio), stream (one "
+        "stream kept open, steered sample by sample), simpleaudio, virtual or none",
     )
     p.add_argument("--sink-log", help="JSON-lines log of what the sink played, and when")
     p.add_argument(

@@ -20,7 +20,7 @@ from nsync_mqtt.errors import ConfigError
 from nsync_mqtt.messages import ID_RE
 from nsync_mqtt.timing import Timing
 
-SINKS = ("stream", "simpleaudio", "virtual", "none")
+SINKS = ("auto", "stream", "simpleaudio", "virtual", "none")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class NodeConfig:
     embed_broker: str | None = None
     embed_broker_password_file: Path | None = None
     data_dir: Path = Path("nsync-data")
-    sink: str = "stream"
+    sink: str = "auto"
     sink_log: Path | None = None
     audio_device: str | None = None
     clock_offset: float = 0.0
@@ -160,7 +160,7 @@ def load_node_config(config_file: str | None, overrides: dict[str, Any]) -> Node
     pw_file = raw.get("embed_broker_password_file")
     if pw_file is not None and not isinstance(pw_file, str):
         raise ConfigError(f"embed_broker_password_file: must be a file path, got {pw_file!r}")
-    sink = raw.get("sink", "stream")
+    sink = raw.get("sink", "auto")
     if sink not in SINKS:
         raise ConfigError(f"sink: must be one of {', '.join(SINKS)}, got {sink!r}")
     sink_log = raw.get("sink_log")

@@ -542,7 +542,7 @@ def _run(
         nodes.append(
             NodeProc(node_id, offset, drift, tmp / f"{node_id}.jsonl", tmp / f"{node_id}.log")
         )
-    sink = "simpleaudio" if audio else "virtual"
+    sink = "auto" if audio else "virtual"
     _say(f"starting {speakers} nodes, broker {url} (embedded in n1), logs in {tmp}")
     first = nodes[0]
     start_node(first, ids, url, tmp / first.id, sink, f"127.0.0.1:{port}")

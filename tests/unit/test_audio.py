@@ -430,6 +430,12 @@ def test_make_sink_kinds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setitem(sys.modules, "simpleaudio", None)  # import fails
     with pytest.raises(AudioDeviceError, match="simpleaudio"):
         make_sink("simpleaudio", None, 0.0)
+    monkeypatch.setitem(sys.modules, "sounddevice", None)
+    with pytest.raises(AudioDeviceError, match="PortAudio"):
+        make_sink("stream", None, 0.0)
+    # auto: the stream sink, else simpleaudio; here neither, and the error names the last
+    with pytest.raises(AudioDeviceError, match="simpleaudio"):
+        make_sink("auto", None, 0.0)
 
 
 class _FakePlay:

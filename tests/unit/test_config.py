@@ -65,7 +65,7 @@ def test_defaults_for_a_lone_node() -> None:
     assert cfg.majority == 1
     assert cfg.cluster == "home"
     assert cfg.broker == ("mqtt://127.0.0.1:1883",)
-    assert cfg.sink == "stream" and cfg.audio_device is None
+    assert cfg.sink == "auto" and cfg.audio_device is None
     assert cfg.sink_log is None
     assert cfg.seed is None
     assert (cfg.chunk_size_kib, cfg.store_cap_mb, cfg.max_song_mb) == (256, 2048, 200)
