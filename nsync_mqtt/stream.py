@@ -134,11 +134,13 @@ class Feeder:
         return False
 
     def retime(self, song: str, frame: int, at_ns: int, speed: float = 1.0) -> bool:
-        """The same schedule through a newer clock estimate: steer ``song`` onto it if it plays
-        or is scheduled (a far-off target is reached by a jump); False if it is not there."""
+        """The same schedule through a newer clock estimate: steer the play of ``song`` whose
+        schedule starts from ``frame`` onto it (a far-off target is reached by a jump); False
+        if no such play is there. A play of the same song from another frame (the position
+        before a seek, until the seek's instant) is left alone."""
         hit = False
         for p in (self.cur, self.next):
-            if p is not None and p.song == song:
+            if p is not None and p.song == song and p.target.frame == frame:
                 p.target = Target(frame, at_ns, speed)
                 hit = True
         return hit

@@ -268,3 +268,23 @@ def test_a_song_not_decoded_yet_keeps_its_place_in_silence() -> None:
     feeder.attach("s", FakeTrack("s", RATE))
     out, timed = dac.block(n=10, pcm=True)
     assert out.pcm is not None and frames_in(out.pcm) == list(range(BLOCK, BLOCK + 10))
+
+
+def test_a_retime_of_a_seek_leaves_the_position_before_it_alone() -> None:
+    """Until a seek's instant the song plays on from where it was; the retimes that follow the
+    seek's schedule steer the seek, not the play it will replace."""
+    feeder = Feeder(RATE)
+    dac = Dac(feeder)
+    feeder.play("s", FakeTrack("s", RATE * 60), 0, dac.t0)
+    dac.block()
+    seek_at = dac.time_of(4 * BLOCK)
+    assert not feeder.play("s", None, 30 * RATE, seek_at)  # a seek to 30 s, 3 blocks ahead
+    assert feeder.retime("s", 30 * RATE, seek_at + 2_000, 1.0)  # only the seek moves
+    assert not feeder.retime("s", 7, seek_at, 1.0)  # no play from frame 7
+    frames = []
+    for _ in range(5):
+        _, timed = dac.block()
+        frames += [(s.frame, s.frames) for _, s in timed]
+    assert frames[:3] == [(BLOCK, BLOCK), (2 * BLOCK, BLOCK), (3 * BLOCK, BLOCK)]
+    assert feeder.ctl.jumps == 0
+    assert frames[3][0] == 30 * RATE  # the seek, on its (retimed) instant

@@ -314,7 +314,7 @@ class SimNode:
         s.volume = plan.volume
         if plan.action == RETIME and plan.song is not None and plan.at is not None:
             # an ideal sink: on the newer schedule at once (a real one steers within seconds)
-            if s.song == plan.song and s.stop_at_true is None:
+            if s.song == plan.song and s.frame == plan.frame and s.stop_at_true is None:
                 s.frame, s.at_true = plan.frame, self.clock.to_true(plan.at)
                 self._finish_timer(plan.song, plan.frame, s.at_true)
         elif plan.action == PLAY and plan.song is not None and plan.at is not None:
@@ -323,7 +323,10 @@ class SimNode:
             if song == plan.song and pos is not None:
                 expected = plan.frame + (self.world.now - at_true) * RATE
                 if abs(expected - pos) < 0.002 * RATE:
-                    return  # already there: no re-anchor (as node.py)
+                    # already there: no restart, steered onto the new schedule (as the sinks)
+                    s.frame, s.at_true = plan.frame, at_true
+                    self._finish_timer(plan.song, plan.frame, at_true)
+                    return
             self.sink = SinkState(plan.song, plan.frame, at_true, None, plan.volume)
             self._finish_timer(plan.song, plan.frame, at_true)
         elif plan.action == STOP:
