@@ -284,7 +284,13 @@ class Sink(ABC):
 
     @abstractmethod
     def play(
-        self, song: str, track: PcmTrack | None, frame: int, at_host: float, speed: float = 1.0
+        self,
+        song: str,
+        track: PcmTrack | None,
+        frame: int,
+        at_host: float,
+        speed: float = 1.0,
+        key: object = None,
     ) -> bool:
         """Play ``song`` from ``frame`` when host ``time.monotonic()`` reaches ``at_host``, the
         song advancing ``speed`` seconds per host second (the master's clock seen from here).
@@ -294,9 +300,12 @@ class Sink(ABC):
         track (not decoded yet) the sink plays silence until ``attach``, then the song from the
         frame time dictates. If ``song`` already plays within ``REANCHOR_S`` of this schedule it
         keeps playing (steered onto it where the sink can): returns True then, else False.
+        ``key`` names the schedule for the retimes that follow it.
         """
 
-    def retime(self, song: str, frame: int, at_host: float, speed: float = 1.0) -> None:  # noqa: B027
+    def retime(  # noqa: B027
+        self, song: str, frame: int, at_host: float, speed: float = 1.0, key: object = None
+    ) -> None:
         """The schedule of the song playing, through a newer clock estimate: a sink that can
         correct steers onto it; the others ignore it."""
 
@@ -367,16 +376,24 @@ class VirtualSink(Sink):
     # -- caller side
 
     def play(
-        self, song: str, track: PcmTrack | None, frame: int, at_host: float, speed: float = 1.0
+        self,
+        song: str,
+        track: PcmTrack | None,
+        frame: int,
+        at_host: float,
+        speed: float = 1.0,
+        key: object = None,
     ) -> bool:
         with self._cond:
-            kept = self.feeder.play(song, track, frame, _ns(at_host), speed)
+            kept = self.feeder.play(song, track, frame, _ns(at_host), speed, key)
             self._cond.notify_all()
             return kept
 
-    def retime(self, song: str, frame: int, at_host: float, speed: float = 1.0) -> None:
+    def retime(
+        self, song: str, frame: int, at_host: float, speed: float = 1.0, key: object = None
+    ) -> None:
         with self._cond:
-            self.feeder.retime(song, frame, _ns(at_host), speed)
+            self.feeder.retime(song, frame, _ns(at_host), speed, key)
 
     def attach(self, song: str, track: PcmTrack) -> None:
         with self._cond:
@@ -573,7 +590,13 @@ class SimpleaudioSink(Sink):
         self._thread.start()
 
     def play(
-        self, song: str, track: PcmTrack | None, frame: int, at_host: float, speed: float = 1.0
+        self,
+        song: str,
+        track: PcmTrack | None,
+        frame: int,
+        at_host: float,
+        speed: float = 1.0,
+        key: object = None,
     ) -> bool:
         playing, position = self.position()
         if playing == song and position is not None:
@@ -763,14 +786,22 @@ class StreamSink(Sink):
     # -- caller side
 
     def play(
-        self, song: str, track: PcmTrack | None, frame: int, at_host: float, speed: float = 1.0
+        self,
+        song: str,
+        track: PcmTrack | None,
+        frame: int,
+        at_host: float,
+        speed: float = 1.0,
+        key: object = None,
     ) -> bool:
         with self._lock:
-            return self.feeder.play(song, track, frame, _ns(at_host), speed)
+            return self.feeder.play(song, track, frame, _ns(at_host), speed, key)
 
-    def retime(self, song: str, frame: int, at_host: float, speed: float = 1.0) -> None:
+    def retime(
+        self, song: str, frame: int, at_host: float, speed: float = 1.0, key: object = None
+    ) -> None:
         with self._lock:
-            self.feeder.retime(song, frame, _ns(at_host), speed)
+            self.feeder.retime(song, frame, _ns(at_host), speed, key)
 
     def attach(self, song: str, track: PcmTrack) -> None:
         with self._lock:

@@ -51,6 +51,7 @@ class SinkPlan:
     frame: int = 0
     at: float | None = None
     speed: float = 1.0
+    key: float | None = None  # the schedule (its instant on the master's clock): retimes name it
 
 
 @dataclass(frozen=True)

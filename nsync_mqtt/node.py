@@ -365,10 +365,10 @@ class Node:
             at_host = self.clock.to_host(plan.at)
             speed = plan.speed * self._local_per_host
             if plan.action == RETIME:
-                self.sink.retime(plan.song, plan.frame, at_host, speed)
+                self.sink.retime(plan.song, plan.frame, at_host, speed, plan.key)
                 return
             track = self.pcm.get(plan.song)
-            if self.sink.play(plan.song, track, plan.frame, at_host, speed):
+            if self.sink.play(plan.song, track, plan.frame, at_host, speed, plan.key):
                 return  # already there: the sink steers onto the new schedule
             log.info(
                 "play %s… from frame %d in %.3f s",

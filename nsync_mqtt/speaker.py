@@ -579,7 +579,7 @@ class Speaker:
                 else:
                     self.want(now, eff, pb.song, None)
             at = self.to_local(pb.at)
-            eff.sink = SinkPlan(PLAY, volume, pb.song, pb.frame, at, self.speed())
+            eff.sink = SinkPlan(PLAY, volume, pb.song, pb.frame, at, self.speed(), pb.at)
         elif pb.at is not None:
             eff.sink = SinkPlan(STOP, volume, pb.song, pb.frame, self.to_local(pb.at))
         else:
@@ -596,7 +596,8 @@ class Speaker:
             return
         if pb.state == PLAYING and pb.song is not None and pb.at is not None:
             local = self.to_local(pb.at)
-            eff.sink = SinkPlan(RETIME, self.state.volume, pb.song, pb.frame, local, self.speed())
+            speed = self.speed()
+            eff.sink = SinkPlan(RETIME, self.state.volume, pb.song, pb.frame, local, speed, pb.at)
 
     def to_local(self, t_master: float) -> float:
         return t_master if self.master is not None else self.est.to_local(t_master)

@@ -62,6 +62,7 @@ class _Play:
     target: Target
     pos: int | None = None  # the next song frame to output; None before the first
     stop_ns: int | None = None
+    key: object = None  # which schedule this is (a retime names it)
 
 
 def scale_pcm(pcm: bytes, volume: int, sample_width: int) -> bytes:
@@ -111,10 +112,17 @@ class Feeder:
         return min(starts) if starts else None
 
     def play(
-        self, song: str, track: Track | None, frame: int, at_ns: int, speed: float = 1.0
+        self,
+        song: str,
+        track: Track | None,
+        frame: int,
+        at_ns: int,
+        speed: float = 1.0,
+        key: object = None,
     ) -> bool:
         """Play ``song`` from ``frame`` at host ``at_ns``; True if this only steered the song
-        already playing (a retime), False if it replaces what plays or is scheduled."""
+        already playing (a retime), False if it replaces what plays or is scheduled. ``key``
+        names the schedule, for the retimes that follow it."""
         target = Target(frame, at_ns, speed)
         cur = self.cur
         if (
@@ -125,22 +133,29 @@ class Feeder:
             and self._end_ns is not None
             and abs(cur.pos - target.frame_at(self._end_ns, self.rate)) < REANCHOR_S * self.rate
         ):
-            cur.target = target
+            cur.target, cur.key = target, key
             if cur.track is None:
                 cur.track = track
             self.next = None
             return True
-        self.next = _Play(song, track, target)
+        self.next = _Play(song, track, target, key=key)
         return False
 
-    def retime(self, song: str, frame: int, at_ns: int, speed: float = 1.0) -> bool:
-        """The same schedule through a newer clock estimate: steer the play of ``song`` whose
-        schedule starts from ``frame`` onto it (a far-off target is reached by a jump); False
-        if no such play is there. A play of the same song from another frame (the position
-        before a seek, until the seek's instant) is left alone."""
+    def retime(
+        self, song: str, frame: int, at_ns: int, speed: float = 1.0, key: object = None
+    ) -> bool:
+        """The same schedule through a newer clock estimate: steer the play of that schedule
+        (``key``; without one, the play of ``song`` from ``frame``) onto it, a far-off target by
+        a jump; False if no such play is there. Another play of the same song (the position
+        before a seek or a restart, until that instant) is left alone."""
         hit = False
         for p in (self.cur, self.next):
-            if p is not None and p.song == song and p.target.frame == frame:
+            same = p is not None and p.song == song
+            if (
+                p is not None
+                and same
+                and (p.key == key if key is not None else p.target.frame == frame)
+            ):
                 p.target = Target(frame, at_ns, speed)
                 hit = True
         return hit

@@ -288,3 +288,23 @@ def test_a_retime_of_a_seek_leaves_the_position_before_it_alone() -> None:
     assert frames[:3] == [(BLOCK, BLOCK), (2 * BLOCK, BLOCK), (3 * BLOCK, BLOCK)]
     assert feeder.ctl.jumps == 0
     assert frames[3][0] == 30 * RATE  # the seek, on its (retimed) instant
+
+
+def test_a_retime_names_its_schedule_so_a_restart_from_the_same_frame_waits_its_turn() -> None:
+    """Back to the start of the song playing: the new schedule and the old one both begin at
+    frame 0; the retimes carry the new one's key and leave the old play alone."""
+    feeder = Feeder(RATE)
+    dac = Dac(feeder)
+    feeder.play("s", FakeTrack("s", RATE * 60), 0, dac.t0, key="first")
+    for _ in range(10):
+        dac.block()
+    restart_at = dac.time_of(14 * BLOCK)
+    feeder.play("s", None, 0, restart_at, key="again")
+    assert feeder.retime("s", 0, restart_at + 3_000, key="again")
+    assert not feeder.retime("s", 0, restart_at, key="gone")
+    seen = []
+    for _ in range(6):
+        _, timed = dac.block()
+        seen += [(s.frame, s.frames) for _, s in timed]
+    assert seen[:4] == [(k * BLOCK, BLOCK) for k in range(10, 14)]  # the first play goes on
+    assert seen[4][0] == 0 and feeder.ctl.jumps == 0  # then the restart, on its instant

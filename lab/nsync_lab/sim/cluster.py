@@ -74,6 +74,7 @@ class SinkState:
     at_true: float = 0.0  # the instant `frame` plays (playing) or the stop takes effect
     stop_at_true: float | None = None
     volume: int = 0
+    key: float | None = None  # the schedule it plays (retimes name it)
 
     def position(self, t: float) -> tuple[str | None, float | None]:
         if self.song is None or t < self.at_true:
@@ -314,7 +315,7 @@ class SimNode:
         s.volume = plan.volume
         if plan.action == RETIME and plan.song is not None and plan.at is not None:
             # an ideal sink: on the newer schedule at once (a real one steers within seconds)
-            if s.song == plan.song and s.frame == plan.frame and s.stop_at_true is None:
+            if s.song == plan.song and s.key == plan.key and s.stop_at_true is None:
                 s.frame, s.at_true = plan.frame, self.clock.to_true(plan.at)
                 self._finish_timer(plan.song, plan.frame, s.at_true)
         elif plan.action == PLAY and plan.song is not None and plan.at is not None:
@@ -324,10 +325,10 @@ class SimNode:
                 expected = plan.frame + (self.world.now - at_true) * RATE
                 if abs(expected - pos) < 0.002 * RATE:
                     # already there: no restart, steered onto the new schedule (as the sinks)
-                    s.frame, s.at_true = plan.frame, at_true
+                    s.frame, s.at_true, s.key = plan.frame, at_true, plan.key
                     self._finish_timer(plan.song, plan.frame, at_true)
                     return
-            self.sink = SinkState(plan.song, plan.frame, at_true, None, plan.volume)
+            self.sink = SinkState(plan.song, plan.frame, at_true, None, plan.volume, plan.key)
             self._finish_timer(plan.song, plan.frame, at_true)
         elif plan.action == STOP:
             stop = self.world.now if plan.at is None else self.clock.to_true(plan.at)
