@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nsync_mqtt.drift import DacClock
 from nsync_mqtt.errors import ConfigError, NSyncError
 from nsync_mqtt.guard import Faults
 from nsync_mqtt.stream import REANCHOR_S, Feeder, scale_pcm
@@ -752,6 +753,8 @@ class StreamSink(Sink):
         self.feeder = Feeder(rate, FRAME_BYTES, SAMPLE_WIDTH)
         self.underruns = 0
         self._offsets: deque[float] = deque(maxlen=STREAM_CLOCK_WINDOW)
+        self._dac = DacClock(rate, block_frames)
+        self._frames_out = 0
         self._lock = threading.Lock()
         self._cond = threading.Condition()
         self._events: list[tuple[int, str | None, _Played | None]] = []
@@ -827,6 +830,7 @@ class StreamSink(Sink):
         with self._lock:
             stats = _sync_stats(self.feeder)
         stats["underruns"] = self.underruns
+        stats["dac_breaks"] = self._dac.breaks
         return stats
 
     def close(self) -> None:
@@ -858,7 +862,9 @@ class StreamSink(Sink):
             t = now + self.device_latency_s  # a host API without DAC times
         if status.output_underflow:
             self.underruns += 1
-        t_ns = round(t * 1e9)
+        # steer against a line through the reports, not each report (their jitter and wander)
+        t_ns = self._dac.add(self._frames_out, round(t * 1e9))
+        self._frames_out += frames
         try:
             with self._lock:
                 out = self.feeder.render(t_ns, frames, pcm=True)

@@ -121,6 +121,66 @@ class DriftController:
         return Correction(u * 1e6)
 
 
+DAC_FIT_WINDOW_S = 30.0
+"""Span of reported DAC times one line is fitted through (their jitter and wander average out)."""
+DAC_REFIT_EVERY = 100
+"""Reports between two fits; in between the last line is extended."""
+DAC_BREAK_S = 0.002
+"""A report this far off the line is a break (an underrun, a restarted device): start over."""
+
+
+class DacClock:
+    """A line through a stream's reported DAC times: output frame ``j`` reaches the DAC at
+    host ``t(j) = t0 + (j - j0) * ns_per_frame``, fitted by least squares over the last
+    ``window_s``. A sound server's latency reports jitter by tens of microseconds and wander by
+    a few hundred over tens of seconds; the DAC itself only drifts (a slope). So the stream is
+    steered against the line, not against each report. Pure: fed ``(j, t_ns)`` pairs."""
+
+    def __init__(self, rate: int, block_frames: int, window_s: float = DAC_FIT_WINDOW_S) -> None:
+        self.rate = rate
+        self._points: deque[tuple[int, int]] = deque(
+            maxlen=max(8, round(window_s * rate / block_frames))
+        )
+        self._line: tuple[int, int, float] | None = None  # (j0, t0, ns per frame)
+        self._since = 0
+        self.breaks = 0
+
+    def add(self, j: int, t_ns: int) -> int:
+        """A report: frame ``j`` reaches the DAC at ``t_ns``; returns the line's time for it."""
+        line = self._line
+        if line is not None and abs(self._at(line, j) - t_ns) > DAC_BREAK_S * 1e9:
+            self.breaks += 1
+            self._points.clear()
+            line = self._line = None
+        self._points.append((j, t_ns))
+        self._since += 1
+        if line is None or self._since >= DAC_REFIT_EVERY:
+            line = self._line = self._fit()
+            self._since = 0
+        return self._at(line, j)
+
+    def _at(self, line: tuple[int, int, float], j: int) -> int:
+        j0, t0, slope = line
+        return t0 + round((j - j0) * slope)
+
+    def _fit(self) -> tuple[int, int, float]:
+        pts = self._points
+        j0, t0 = pts[-1]
+        nominal = 1e9 / self.rate
+        if len(pts) < 8:
+            return j0, t0, nominal
+        xs = [j - j0 for j, _ in pts]
+        ys = [t - t0 - x * nominal for (_, t), x in zip(pts, xs, strict=True)]
+        n = len(xs)
+        mx, my = math.fsum(xs) / n, math.fsum(ys) / n
+        sxx = math.fsum((x - mx) ** 2 for x in xs)
+        sxy = math.fsum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+        b = sxy / sxx if sxx > 0 else 0.0
+        b = max(-nominal * 1e-3, min(nominal * 1e-3, b))  # no crystal is 1000 ppm off
+        # the line at the newest report: my + b * (0 - mx)
+        return j0, t0 + round(my - b * mx), nominal + b
+
+
 def spread(owed: float, ppm: float, frames: int) -> tuple[float, list[tuple[int, int]]]:
     """Corrections for the next ``frames`` output frames at ``ppm``, given the fraction of a
     frame ``owed`` from earlier blocks: the new fraction owed, and ``(offset, +1|-1)`` pairs
