@@ -11,22 +11,16 @@ resident memory at the end. Writes bench/results/cpu-<broker>.json.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import common
-from common import broker, conditions, record, table
+from common import broker, conditions, cpu_seconds, record, table
 
 from nsync_lab.pulse import PulseAudio, stop_recording
 from nsync_lab.testing import NodeCluster, NodeSpec, ok, tone_file
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:

@@ -164,54 +164,50 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def write_png(path: Path, width: int, height: int, dark: set[tuple[int, int]]) -> None:
-    """A black-on-white PNG (8-bit grey) with the pixels in `dark` set; no imaging library."""
+def _write_png(path: Path, width: int, height: int, colour_type: int, rows: bytes) -> None:
+    """A PNG file of 8-bit ``rows`` (each led by its filter byte); no imaging library."""
     import struct
     import zlib
-
-    rows = bytearray()
-    for y in range(height):
-        rows.append(0)  # filter: none
-        rows.extend(0 if (x, y) in dark else 255 for x in range(width))
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data
         return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
     path.write_bytes(
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(bytes(rows), 9))
+        + chunk(b"IDAT", zlib.compress(rows, 9))
         + chunk(b"IEND", b"")
     )
+
+
+def write_png(path: Path, width: int, height: int, dark: set[tuple[int, int]]) -> None:
+    """A black-on-white PNG (8-bit grey) with the pixels in `dark` set."""
+    rows = bytearray()
+    for y in range(height):
+        rows.append(0)  # filter: none
+        rows.extend(0 if (x, y) in dark else 255 for x in range(width))
+    _write_png(path, width, height, 0, bytes(rows))
 
 
 def write_png_rgb(
     path: Path, width: int, height: int, pixels: dict[tuple[int, int], tuple[int, int, int]]
 ) -> None:
-    """A PNG (8-bit RGB) on white with the given pixels coloured; no imaging library."""
-    import struct
-    import zlib
-
+    """A PNG (8-bit RGB) on white with the given pixels coloured."""
     rows = bytearray()
     white = (255, 255, 255)
     for y in range(height):
         rows.append(0)  # filter: none
         for x in range(width):
             rows.extend(pixels.get((x, y), white))
+    _write_png(path, width, height, 2, bytes(rows))
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(bytes(rows), 9))
-        + chunk(b"IEND", b"")
-    )
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def step_plot_png(

@@ -22,7 +22,6 @@ against time. Writes bench/results/sync-<N>n-<J>ms-<broker>.json/.png/.svg.
 from __future__ import annotations
 
 import bisect
-import os
 import random
 import shutil
 import statistics
@@ -34,7 +33,7 @@ from typing import Any
 
 import common
 from bench_clock import StateRecorder
-from common import broker, conditions, percentile, record, table
+from common import broker, conditions, cpu_seconds, percentile, record, table
 
 from nsync_lab.faultproxy import FaultProxy
 from nsync_lab.testing import NodeCluster, NodeSpec, ok
@@ -67,11 +66,6 @@ def specs(n: int, rng: random.Random, proxies: list[FaultProxy] | None) -> list[
             )
         )
     return out
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------- the workload

@@ -339,7 +339,100 @@ def _ns(t: float) -> int:
     return round(t * 1e9)
 
 
-class VirtualSink(Sink):
+@dataclass(frozen=True)
+class _Played:
+    song: str
+    frame: int
+    frames: int
+    t_ns: int
+    end_ns: int
+
+
+class _FeederSink(Sink):
+    """What the virtual and the stream sink share: a :class:`~nsync_mqtt.stream.Feeder`
+    behind a lock, the blocks that went out lately (for ``position``), and shutting down the
+    sink's own thread. Subclasses set the attributes in ``__init__``."""
+
+    feeder: Feeder
+    _guard: Any  # the lock (or condition) the feeder is used under
+    _cond: threading.Condition  # guards _recent; wakes the sink's thread
+    _recent: list[_Played]
+    _dac_rate: float  # frames per second of host time at the DAC
+    _closed: bool
+    _thread: threading.Thread
+    _log: Any
+
+    def _changed(self) -> None:
+        """The schedule changed (the guard is held)."""
+
+    def play(
+        self,
+        song: str,
+        track: PcmTrack | None,
+        frame: int,
+        at_host: float,
+        speed: float = 1.0,
+        key: object = None,
+    ) -> bool:
+        with self._guard:
+            kept = self.feeder.play(song, track, frame, _ns(at_host), speed, key)
+            self._changed()
+            return kept
+
+    def retime(
+        self, song: str, frame: int, at_host: float, speed: float = 1.0, key: object = None
+    ) -> None:
+        with self._guard:
+            self.feeder.retime(song, frame, _ns(at_host), speed, key)
+
+    def attach(self, song: str, track: PcmTrack) -> None:
+        with self._guard:
+            self.feeder.attach(song, track)
+            self._changed()
+
+    def stop(self, at_host: float | None = None) -> None:
+        with self._guard:
+            self.feeder.stop(time.monotonic_ns() if at_host is None else _ns(at_host))
+            self._changed()
+
+    def set_volume(self, volume: int) -> None:
+        with self._guard:
+            self.feeder.set_volume(volume)
+
+    def position(self) -> tuple[str | None, int | None]:
+        now = time.monotonic_ns()
+        with self._cond:
+            for c in reversed(self._recent):
+                if c.t_ns <= now < c.end_ns:
+                    offset = int((now - c.t_ns) * self._dac_rate / 1e9)
+                    return c.song, c.frame + min(offset, c.frames - 1)
+        return None, None
+
+    def sync_stats(self) -> dict[str, Any]:
+        """The corrector's view: last error, learnt drift, hard resyncs."""
+        with self._guard:
+            err = self.feeder.last_error_s
+            return {
+                "error_ms": None if err is None else round(err * 1e3, 4),
+                "dac_drift_ppm": round(self.feeder.ctl.drift_ppm, 2),
+                "resyncs": self.feeder.ctl.jumps,
+            }
+
+    def _remember(self, played: _Played) -> None:
+        """A block of a song went out (``_cond`` held)."""
+        self._recent = [*self._recent[-7:], played]
+
+    def _end_thread(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=2.0)
+        if self._log is not None:
+            self._log.close()
+
+
+class VirtualSink(_FeederSink):
     """A virtual streaming DAC paced by the host clock, logging what it plays (``log_path`` may
     be None).
 
@@ -361,6 +454,8 @@ class VirtualSink(Sink):
         self._block_frames = max(1, int(rate * BLOCK_S))
         self._log = open(log_path, "a", buffering=1) if log_path is not None else None  # noqa: SIM115
         self._cond = threading.Condition()
+        self._guard = self._cond
+        self._dac_rate = self._eff_rate
         self._t0 = time.monotonic_ns()
         self._j = 0  # the next output frame to commit
         self._resume = True  # idle: on the next play, skip the frames that went by
@@ -374,64 +469,11 @@ class VirtualSink(Sink):
     def volume(self) -> int:
         return self.feeder.volume
 
-    # -- caller side
-
-    def play(
-        self,
-        song: str,
-        track: PcmTrack | None,
-        frame: int,
-        at_host: float,
-        speed: float = 1.0,
-        key: object = None,
-    ) -> bool:
-        with self._cond:
-            kept = self.feeder.play(song, track, frame, _ns(at_host), speed, key)
-            self._cond.notify_all()
-            return kept
-
-    def retime(
-        self, song: str, frame: int, at_host: float, speed: float = 1.0, key: object = None
-    ) -> None:
-        with self._cond:
-            self.feeder.retime(song, frame, _ns(at_host), speed, key)
-
-    def attach(self, song: str, track: PcmTrack) -> None:
-        with self._cond:
-            self.feeder.attach(song, track)
-            self._cond.notify_all()
-
-    def stop(self, at_host: float | None = None) -> None:
-        with self._cond:
-            self.feeder.stop(time.monotonic_ns() if at_host is None else _ns(at_host))
-            self._cond.notify_all()
-
-    def set_volume(self, volume: int) -> None:
-        with self._cond:
-            self.feeder.set_volume(volume)
-
-    def position(self) -> tuple[str | None, int | None]:
-        now = time.monotonic_ns()
-        with self._cond:
-            for c in reversed(self._recent):
-                if c.t_ns <= now < c.end_ns:
-                    offset = int((now - c.t_ns) * self._eff_rate / 1e9)
-                    return c.song, c.frame + min(offset, c.frames - 1)
-        return None, None
-
-    def sync_stats(self) -> dict[str, Any]:
-        """The corrector's view: last error, learnt drift, hard resyncs."""
-        with self._cond:
-            return _sync_stats(self.feeder)
+    def _changed(self) -> None:
+        self._cond.notify_all()
 
     def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=2.0)
-        if self._log is not None:
-            self._log.close()
+        self._end_thread()
 
     # -- sink thread
 
@@ -488,8 +530,7 @@ class VirtualSink(Sink):
         for seg in out.segments:
             t_ns, end_ns = self._dac_ns(j + seg.offset), self._dac_ns(j + seg.offset + seg.frames)
             if seg.song is not None:
-                played = _Played(seg.song, seg.frame, seg.frames, t_ns, end_ns)
-                self._recent = [*self._recent[-7:], played]
+                self._remember(_Played(seg.song, seg.frame, seg.frames, t_ns, end_ns))
             if self._log is not None:
                 line = {
                     "t_ns": t_ns,
@@ -512,24 +553,6 @@ class VirtualSink(Sink):
             cb(song)
         except Exception:
             log.exception("on_finished(%s) failed", song)
-
-
-@dataclass(frozen=True)
-class _Played:
-    song: str
-    frame: int
-    frames: int
-    t_ns: int
-    end_ns: int
-
-
-def _sync_stats(feeder: Feeder) -> dict[str, Any]:
-    err = feeder.last_error_s
-    return {
-        "error_ms": None if err is None else round(err * 1e3, 4),
-        "dac_drift_ppm": round(feeder.ctl.drift_ppm, 2),
-        "resyncs": feeder.ctl.jumps,
-    }
 
 
 class NullSink(VirtualSink):
@@ -725,7 +748,7 @@ STREAM_LATENCY_S = 0.04
 start scheduled that far ahead is rendered in time."""
 
 
-class StreamSink(Sink):
+class StreamSink(_FeederSink):
     """One output stream kept open on an audio device (PortAudio, through ``sounddevice``),
     fed block by block by a :class:`~nsync_mqtt.stream.Feeder`.
 
@@ -755,8 +778,9 @@ class StreamSink(Sink):
         self._offsets: deque[float] = deque(maxlen=STREAM_CLOCK_WINDOW)
         self._dac = DacClock(rate, block_frames)
         self._frames_out = 0
-        self._lock = threading.Lock()
+        self._guard = threading.Lock()  # the feeder: PortAudio's thread renders under it
         self._cond = threading.Condition()
+        self._dac_rate = float(rate)
         self._events: list[tuple[int, str | None, _Played | None]] = []
         self._recent: list[_Played] = []
         self._closed = False
@@ -786,49 +810,8 @@ class StreamSink(Sink):
             self.device_latency_s * 1e3,
         )
 
-    # -- caller side
-
-    def play(
-        self,
-        song: str,
-        track: PcmTrack | None,
-        frame: int,
-        at_host: float,
-        speed: float = 1.0,
-        key: object = None,
-    ) -> bool:
-        with self._lock:
-            return self.feeder.play(song, track, frame, _ns(at_host), speed, key)
-
-    def retime(
-        self, song: str, frame: int, at_host: float, speed: float = 1.0, key: object = None
-    ) -> None:
-        with self._lock:
-            self.feeder.retime(song, frame, _ns(at_host), speed, key)
-
-    def attach(self, song: str, track: PcmTrack) -> None:
-        with self._lock:
-            self.feeder.attach(song, track)
-
-    def stop(self, at_host: float | None = None) -> None:
-        with self._lock:
-            self.feeder.stop(time.monotonic_ns() if at_host is None else _ns(at_host))
-
-    def set_volume(self, volume: int) -> None:
-        with self._lock:
-            self.feeder.set_volume(volume)
-
-    def position(self) -> tuple[str | None, int | None]:
-        now = time.monotonic_ns()
-        with self._cond:
-            for c in reversed(self._recent):
-                if c.t_ns <= now < c.end_ns:
-                    return c.song, c.frame + int((now - c.t_ns) * self.rate / 1e9)
-        return None, None
-
     def sync_stats(self) -> dict[str, Any]:
-        with self._lock:
-            stats = _sync_stats(self.feeder)
+        stats = super().sync_stats()
         stats["underruns"] = self.underruns
         stats["dac_breaks"] = self._dac.breaks
         return stats
@@ -839,13 +822,7 @@ class StreamSink(Sink):
             with contextlib.suppress(Exception):
                 stream.stop()
                 stream.close()
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=2.0)
-        if self._log is not None:
-            self._log.close()
+        self._end_thread()
 
     # -- PortAudio's thread: render, never block on anything but the feeder's lock
 
@@ -866,7 +843,7 @@ class StreamSink(Sink):
         t_ns = self._dac.add(self._frames_out, round(t * 1e9))
         self._frames_out += frames
         try:
-            with self._lock:
+            with self._guard:
                 out = self.feeder.render(t_ns, frames, pcm=True)
             assert out.pcm is not None
             outdata[:] = out.pcm
@@ -882,7 +859,7 @@ class StreamSink(Sink):
                     played = _Played(seg.song or "", seg.frame, seg.frames, t, end)
                     self._events.append((t, None, played))
                     if seg.song is not None:
-                        self._recent = [*self._recent[-7:], played]
+                        self._remember(played)
                 for t, song in out.finished:
                     self._events.append((t, song, None))
                 self._cond.notify_all()

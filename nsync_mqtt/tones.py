@@ -60,12 +60,17 @@ def make_tone_wav(
     stereo[1::2] = mono
     if sys.byteorder == "big":  # WAV samples are little endian
         stereo.byteswap()
+    return tagged_wav(stereo.tobytes(), title, artist, rate)
+
+
+def tagged_wav(pcm: bytes, title: str, artist: str = "NSync demo", rate: int = RATE) -> bytes:
+    """A WAV of 16-bit little-endian stereo ``pcm``, tagged title/artist."""
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:
         w.setnchannels(2)
         w.setsampwidth(2)
         w.setframerate(rate)
-        w.writeframes(stereo.tobytes())
+        w.writeframes(pcm)
     riff = buf.getvalue() + _info_chunk(title, artist)
     return riff[:4] + struct.pack("<I", len(riff) - 8) + riff[8:]
 

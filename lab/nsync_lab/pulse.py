@@ -20,8 +20,9 @@ import shutil
 import struct
 import subprocess
 import time
-import wave
 from pathlib import Path
+
+from nsync_mqtt.tones import tagged_wav
 
 RATE = 44100
 START_TIMEOUT_S = 10.0
@@ -157,26 +158,8 @@ def click_track(path: Path, seconds: float, every_s: float = 0.1, title: str = "
     data = bytearray(frames * 4)
     for k in range(period // 2, frames, period):
         struct.pack_into("<hh", data, k * 4, CLICK, CLICK)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(2)
-        w.setsampwidth(2)
-        w.setframerate(RATE)
-        w.writeframes(bytes(data))
-    _tag(path, title)
+    path.write_bytes(tagged_wav(bytes(data), title))
     return path
-
-
-def _tag(path: Path, title: str) -> None:
-    """Append a RIFF INFO list with the title (what the cluster shows for the song)."""
-    name = title.encode() + b"\0"
-    if len(name) % 2:
-        name += b"\0"
-    info = b"INFO" + b"INAM" + struct.pack("<I", len(name)) + name
-    chunk = b"LIST" + struct.pack("<I", len(info)) + info
-    raw = bytearray(path.read_bytes())
-    raw += chunk
-    struct.pack_into("<I", raw, 4, len(raw) - 8)
-    path.write_bytes(bytes(raw))
 
 
 def clicks(raw: bytes, channel: int, threshold: int = CLICK // 4) -> list[int]:
