@@ -125,6 +125,9 @@ DAC_FIT_WINDOW_S = 30.0
 """Span of reported DAC times one line is fitted through (their jitter and wander average out)."""
 DAC_REFIT_EVERY = 100
 """Reports between two fits; in between the last line is extended."""
+DAC_LINE_SPAN_S = 15.0
+"""Reports must span this long before the line is used (over a shorter span a wander of the
+reports passes for a drift); until then each report is taken as it is."""
 DAC_BREAK_S = 0.002
 """A report this far off the line is a break (an underrun, a restarted device): start over."""
 
@@ -134,7 +137,9 @@ class DacClock:
     host ``t(j) = t0 + (j - j0) * ns_per_frame``, fitted by least squares over the last
     ``window_s``. A sound server's latency reports jitter by tens of microseconds and wander by
     a few hundred over tens of seconds; the DAC itself only drifts (a slope). So the stream is
-    steered against the line, not against each report. Pure: fed ``(j, t_ns)`` pairs."""
+    steered against the line, not against each report, once the reports span
+    ``DAC_LINE_SPAN_S`` (before, and after a break, each report as it is). Pure: fed
+    ``(j, t_ns)`` pairs."""
 
     def __init__(self, rate: int, block_frames: int, window_s: float = DAC_FIT_WINDOW_S) -> None:
         self.rate = rate
@@ -157,6 +162,8 @@ class DacClock:
         if line is None or self._since >= DAC_REFIT_EVERY:
             line = self._line = self._fit()
             self._since = 0
+        if j - self._points[0][0] < DAC_LINE_SPAN_S * self.rate:
+            return t_ns  # too short a span for a line yet
         return self._at(line, j)
 
     def _at(self, line: tuple[int, int, float], j: int) -> int:
