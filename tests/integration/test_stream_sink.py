@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 
 SKEW_BOUND_MS = 1.0  # bench/realsync.py measures the true figure; a loaded CI machine gets slack
 SOUND_AFTER_S = 0.4
-STREAM_SETTLE_S = 10.0
+STREAM_SETTLE_S = 15.0
 """Through ALSA's pulse plugin the DAC times PortAudio reports wander by ~0.3 ms for the first
 seconds after a stream opens, while PulseAudio settles its latency: a node's stream opens when
 the node starts, so songs meet a settled stream; the test waits for one too."""
