@@ -105,7 +105,7 @@ def run_nsync(pulse: PulseAudio, tmp: Path, seconds: float, broker_kind: str) ->
         ]
         cluster = NodeCluster(b.url, tmp / "cluster", specs)
         opened = time.monotonic()
-        with cluster:
+        with cluster, cluster.watch() as watcher:
             cluster.wait_ready(timeout_s=60)
             with cluster.client(timeout=30.0) as client:
                 song = str(ok(client.load_song(song_path))["params"]["song"])
@@ -118,6 +118,8 @@ def run_nsync(pulse: PulseAudio, tmp: Path, seconds: float, broker_kind: str) ->
                 t_cmd = time.monotonic()
                 ok(client.play())
                 time.sleep(seconds)
+                # each stream's own view: underruns, DAC-line breaks, hard resyncs, learnt drift
+                sinks = {n: st.get("sink") for n, st in watcher.node_states().items()}
                 ok(client.stop())
                 time.sleep(0.3)
                 raw = rec.stop()
@@ -126,6 +128,7 @@ def run_nsync(pulse: PulseAudio, tmp: Path, seconds: float, broker_kind: str) ->
                    for n in ("n1", "n2")}  # fmt: skip
     result: dict[str, Any] = {"skew": skew_summary(click_offsets(raw))}
     result["offsets_over_time"] = _over_time(click_offsets(raw))
+    result["sinks"] = sinks
     result["first_clicks_ms"] = [round(lag * 1e3 / RATE, 4) for _, lag in click_offsets(raw)[:50]]
     if virtual:
         first = virtual[0]
