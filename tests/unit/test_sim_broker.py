@@ -243,6 +243,40 @@ def test_messages_in_flight_on_a_link_when_it_is_cut_are_lost_even_after_heal() 
     assert b.stats.lost_cut == 1
 
 
+def test_a_subscribe_caught_by_a_cut_takes_effect_after_the_heal_not_never() -> None:
+    w, b = setup(up_delay=(0.01, 0.0))
+    pub = Client(w, b, "pub")
+    sub = Client(w, b, "sub")
+    sub.conn.subscribe("in-flight")  # reaches the broker at 0.01; the cut comes first
+    w.run_until(0.005)
+    b.cut("sub", up=True, down=False)
+    sub.conn.subscribe("sent-while-cut")
+    sub.conn.publish("in-flight", b"lost")  # publishes on a cut hop are still lost
+    w.run_until(0.5)
+    assert sub.conn.filters == []
+    pub.conn.publish("in-flight", b"before the heal")
+    w.run_until(0.6)
+    assert sub.got == []
+    b.heal("sub")
+    w.run_until(0.7)
+    assert sorted(sub.conn.filters) == ["in-flight", "sent-while-cut"]
+    pub.conn.publish("in-flight", b"after")
+    pub.conn.publish("sent-while-cut", b"after too")
+    w.run_until(0.8)
+    assert sub.payloads() == [b"after", b"after too"]
+
+
+def test_a_held_subscribe_dies_with_its_connection() -> None:
+    w, b = setup()
+    sub = Client(w, b, "sub")
+    b.cut("sub", up=True, down=False)
+    sub.conn.subscribe("t")
+    b.drop("sub")
+    b.heal("sub")
+    w.run_until(0.1)
+    assert sub.conn.filters == [] and not sub.conn.connected
+
+
 def test_a_cut_link_refuses_connect_and_can_drop_the_connection_like_a_keepalive() -> None:
     w, b = setup()
     watcher = Client(w, b, "watcher")

@@ -21,7 +21,11 @@ What a message goes through:
   after the original and before anything later on that hop. A duplicate on the uplink reaches
   every subscriber twice.
 - A message in flight on a hop is lost if the connection drops or the hop is cut before it
-  arrives; a message sent on a cut hop is lost. ``heal`` brings back nothing.
+  arrives; a message sent on a cut hop is lost. ``heal`` brings back no message.
+- A SUBSCRIBE or UNSUBSCRIBE is not lost to a cut while its connection lives: it is held and
+  reaches the broker once the uplink heals (TCP retransmits it; the real client waits for the
+  SUBACK), and is lost only if the connection ends first. A live connection that silently lost
+  its subscriptions is not something TCP can produce.
 - A publish or subscribe on a connection that is no longer connected is dropped and returns
   False. (paho queues while disconnected only up to a point; the node code is expected to
   republish what matters after reconnecting.)
@@ -117,6 +121,7 @@ class Link:
         "up_base",
         "up_cut",
         "up_gen",
+        "up_held",
         "up_jitter",
         "up_last",
     )
@@ -130,6 +135,8 @@ class Link:
         self.up_gen = 0  # bumped by a cut: what was in flight on the hop is lost
         self.down_gen = 0
         self.up_last = 0.0  # arrival time of the last message scheduled on the hop (FIFO)
+        # (un)subscribes waiting for the uplink to heal: (conn, arrive function, pattern)
+        self.up_held: list[tuple[Conn, Callable[..., None], str]] = []
         self.down_last = 0.0
         self.drop_timer: Timer | None = None
 
@@ -206,7 +213,7 @@ class Conn:
         if not self.connected:
             b.stats.dropped_offline += 1
             return False
-        b._send_up(self, b._arrive_subscribe, (pattern,), False)
+        b._send_control(self, b._arrive_subscribe, pattern)
         return True
 
     def unsubscribe(self, pattern: str) -> bool:
@@ -214,7 +221,7 @@ class Conn:
         if not self.connected:
             b.stats.dropped_offline += 1
             return False
-        b._send_up(self, b._arrive_unsubscribe, (pattern,), False)
+        b._send_control(self, b._arrive_unsubscribe, pattern)
         return True
 
     def disconnect(self) -> None:
@@ -323,6 +330,11 @@ class SimBroker:
             link.drop_timer.cancel()
             link.drop_timer = None
         self.world.log(client_id, "heal", f"up={link.up_cut} down={link.down_cut}")
+        if not link.up_cut and link.up_held:
+            held, link.up_held = link.up_held, []
+            for conn, fn, pattern in held:
+                if conn.connected:
+                    self._send_control(conn, fn, pattern)
 
     def set_delay(
         self, client_id: str, base_s: float, jitter_s: float, up: bool = True, down: bool = True
@@ -393,6 +405,25 @@ class SimBroker:
             world.post(t, fn, full)
         link.up_last = t
 
+    def _send_control(self, conn: Conn, fn: Callable[..., None], pattern: str) -> None:
+        """A SUBSCRIBE/UNSUBSCRIBE: up the uplink in order, or held while the uplink is cut."""
+        if conn.link.up_cut:
+            conn.link.up_held.append((conn, fn, pattern))
+        else:
+            self._send_up(conn, fn, (pattern,), False)
+
+    def _control_arrived(
+        self, conn: Conn, gen: int, fn: Callable[..., None], pattern: str
+    ) -> bool:
+        """As _arrived, but a packet a cut caught in flight is sent again (held if still cut)."""
+        if not conn.connected:
+            self.stats.lost_disconnect += 1
+            return False
+        if conn.link.up_gen != gen:
+            self._send_control(conn, fn, pattern)
+            return False
+        return True
+
     def _arrived(self, conn: Conn, gen: int) -> bool:
         if not conn.connected:
             self.stats.lost_disconnect += 1
@@ -409,7 +440,7 @@ class SimBroker:
             self._route(topic, payload, retain)
 
     def _arrive_subscribe(self, conn: Conn, gen: int, pattern: str) -> None:
-        if not self._arrived(conn, gen):
+        if not self._control_arrived(conn, gen, self._arrive_subscribe, pattern):
             return
         if pattern not in conn.filters:
             conn.filters.append(pattern)
@@ -419,7 +450,9 @@ class SimBroker:
                 self._send_down(conn, topic, payload, True)
 
     def _arrive_unsubscribe(self, conn: Conn, gen: int, pattern: str) -> None:
-        if self._arrived(conn, gen) and pattern in conn.filters:
+        if self._control_arrived(conn, gen, self._arrive_unsubscribe, pattern) and (
+            pattern in conn.filters
+        ):
             conn.filters.remove(pattern)
             self._match_cache.clear()
 

@@ -321,7 +321,9 @@ class SimNode:
         elif plan.action == PLAY and plan.song is not None and plan.at is not None:
             at_true = self.clock.to_true(plan.at)
             song, pos = s.position(self.world.now)
-            if song == plan.song and pos is not None:
+            # steer only a play with no stop pending (as stream.Feeder.play): a play that
+            # follows a pause not yet reached is a new start after that stop
+            if song == plan.song and pos is not None and s.stop_at_true is None:
                 expected = plan.frame + (self.world.now - at_true) * RATE
                 if abs(expected - pos) < 0.002 * RATE:
                     # already there: no restart, steered onto the new schedule (as the sinks)
@@ -732,7 +734,13 @@ class Simulation:
             )
             if pb.state == PLAYING and pb.at is not None:
                 if stopped or sink.song != pb.song:
-                    chk.fail(f"{n.id} sink plays {sink.song} but the master scheduled {pb.song}")
+                    what = "plays"
+                    if sink.stop_at_true is not None and sink.stop_at_true <= now:
+                        what = f"stopped at t={sink.stop_at_true:.6f}"
+                    chk.fail(
+                        f"{n.id} sink {what} {str(sink.song)[:8]} while the master plays "
+                        f"{str(pb.song)[:8]}"
+                    )
                 master_t = m.clock.to_true(pb.at)
                 node_t = sink.at_true + (pb.frame - sink.frame) / RATE
                 if abs(node_t - master_t) > SINK_TOLERANCE_S:
