@@ -39,6 +39,20 @@ Without the rate term the estimate lags a drifting clock by half the window's sp
 50 ppm over 60 s); with the slope measured only over the window, extrapolating to "now" is what
 dominates the error, which the long anchor baseline removes.
 
+* **Long lines** under jitter. The fastest trip of 64 pings is still far from the floor when
+  each hop adds 0-20 ms (two hops each way: the fastest of 64 is ~3.5 ms above it), so the
+  window alone leaves the offset 1-4 ms off. Each block also keeps its fastest trip each way,
+  for the last ``LONG_BLOCKS`` blocks (16 samples a block: about four minutes at 10 pings a
+  second). Over those points each direction gets the line below all of them that hugs them
+  best (the edge of their lower convex hull above the points' mean time, the linear program of
+  Moon, Skelly and Towsley for one-way delays); half the difference of the two lines is the
+  offset, and half the difference of their slopes the rate. With 0-20 ms per hop this takes the
+  offset error p99 from ~3 to ~0.6 ms. A clock whose rate changes (an NTP slew) bends those
+  points, so the long lines are used only while they agree with the window's estimate within
+  ``LONG_AGREE`` times the blocks' own scatter (from one block to the next); when they do not, every block but
+  the newest few is forgotten and the window's estimate is used until the lines have
+  ``MIN_LONG_BLOCKS`` blocks again.
+
 Times are taken relative to ``t_ref`` (the newest sample) before any product, since clock values
 can be ~1e6 s. A master change or a stepped clock shows up as samples far from ``offset_at``;
 the caller decides and calls ``reset``.
@@ -61,6 +75,16 @@ MIN_FIT_SPAN_S = 2.0
 """The window must span this much node time before a slope is fitted from it."""
 MAX_ANCHORS = 32
 """Block centroids kept for the rate (32 blocks of 16 pings at 0.1 s: about 50 s)."""
+LONG_BLOCKS = 150
+"""Blocks whose fastest trips the long lines are fitted over (150 of 16 pings: 4 minutes)."""
+MIN_LONG_BLOCKS = 8
+"""Blocks the long lines need before they are used."""
+KEEP_BLOCKS = 4
+"""Blocks kept when the long lines disagree with the window (a rate change)."""
+LONG_AGREE = 3.0
+"""The long lines stand while the window's estimate is within this many times the median
+change of a block's estimate from one block to the next (plus ``LONG_FLOOR_S``)."""
+LONG_FLOOR_S = 50e-6
 
 
 @dataclass(frozen=True)
@@ -95,6 +119,29 @@ def _envelope_offset(samples: Iterable[Sample], rate: float, t_ref: float) -> fl
         up = min(up, x.offset + x.rtt / 2 - shift)
         down = min(down, x.rtt / 2 - x.offset + shift)
     return (up - down) / 2
+
+
+def _lower_line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """``(y0, slope)`` of the line ``y0 + slope * t`` below every ``(t, y)`` (sorted by t) that
+    minimises their summed height above it: the lower convex hull's edge over the mean t."""
+    hull: list[tuple[float, float]] = []
+    for p in points:
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (x2 - x1) * (p[1] - y1) - (y2 - y1) * (p[0] - x1) <= 0:
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    if len(hull) == 1:
+        return hull[0][1], 0.0
+    t_mean = math.fsum(t for t, _ in points) / len(points)
+    (x1, y1), (x2, y2) = hull[0], hull[1]
+    for (x1, y1), (x2, y2) in zip(hull, hull[1:], strict=False):
+        if x2 >= t_mean:
+            break
+    slope = (y2 - y1) / (x2 - x1)
+    return y1 - slope * x1, slope
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -137,6 +184,10 @@ class ClockEstimator:
         self._a = 0.0
         self._b = 0.0
         self._last_t1 = -math.inf
+        # per block, its fastest trip each way: (t, t2 - t1) and (t, t4 - t3), node time
+        self._blocks: deque[tuple[float, float, float, float]] = deque(maxlen=LONG_BLOCKS)
+        self._long: tuple[float, float, float] | None = None  # (t0, offset at t0, rate)
+        self.long_resets = 0
 
     def add(self, t1: float, t2: float, t3: float, t4: float) -> Sample | None:
         """Take one ping's four timestamps; returns the sample, or None if it was rejected."""
@@ -165,6 +216,38 @@ class ClockEstimator:
         t_mid = (block[0].t_local + block[-1].t_local) / 2
         self._anchors.append((t_mid, _envelope_offset(block, self._b, t_mid)))
         self._anchor_rate = self._theil_sen() if len(self._anchors) >= 3 else None
+        up = min(block, key=lambda x: x.offset + x.rtt / 2)
+        down = min(block, key=lambda x: x.rtt / 2 - x.offset)
+        self._blocks.append(
+            (up.t_local, up.offset + up.rtt / 2, down.t_local, down.rtt / 2 - down.offset)
+        )
+        self._long = None
+        if len(self._blocks) >= MIN_LONG_BLOCKS:
+            self._fit_long()
+
+    def _fit_long(self) -> None:
+        """The long lines over the blocks' fastest trips (see the module docstring)."""
+        blocks = self._blocks
+        t0 = blocks[-1][2]
+        u0, su = _lower_line([(tu - t0, yu) for tu, yu, _, _ in blocks])
+        d0, sd = _lower_line([(td - t0, yd) for _, _, td, yd in blocks])
+        rate = (su - sd) / 2
+        if abs(rate) > MAX_RATE:
+            return
+        offset0 = (u0 - d0) / 2
+        # how far one block's estimate strays from the next: the noise of a few blocks'
+        # estimate, measured so that a bend in the points (what is tested) does not inflate it
+        each = [(yu - yd) / 2 - rate * ((tu + td) / 2 - t0) for tu, yu, td, yd in blocks]
+        scatter = statistics.median(abs(b - a) for a, b in zip(each, each[1:], strict=False))
+        recent = list(self._samples)[-self._block * KEEP_BLOCKS :]
+        short = _envelope_offset(recent, rate, t0)
+        if abs(short - offset0) > LONG_AGREE * scatter + LONG_FLOOR_S:
+            # the rate changed (or a step the caller has not caught): start the lines afresh
+            for _ in range(len(blocks) - KEEP_BLOCKS):
+                blocks.popleft()
+            self.long_resets += 1
+            return
+        self._long = (t0, offset0, rate)
 
     def _theil_sen(self) -> float:
         anchors = list(self._anchors)
@@ -179,6 +262,12 @@ class ClockEstimator:
     def _refit(self) -> None:
         samples = self._samples
         t_ref = samples[-1].t_local
+        self._t_ref = t_ref
+        if self._long is not None:
+            t0, offset0, rate = self._long
+            self._b = rate
+            self._a = offset0 + rate * (t_ref - t0)
+            return
         weights = _weights(samples, min(s.rtt for s in samples))
         t_mean, o_mean = _centroid(samples, weights, t_ref)
         span = max(s.t_local for s in samples) - min(s.t_local for s in samples)
@@ -197,7 +286,6 @@ class ClockEstimator:
         else:
             b = 0.0
         b = min(MAX_RATE, max(-MAX_RATE, b))  # no crystal drifts more; beyond is noise
-        self._t_ref = t_ref
         self._b = b
         self._a = _envelope_offset(samples, b, t_ref)
 
@@ -251,6 +339,7 @@ class ClockEstimator:
             "rtt_median_s": statistics.median(rtts) if rtts else None,
             "samples": len(rtts),
             "calibrated": self.calibrated,
+            "long_lines": self._long is not None,
         }
 
 

@@ -252,6 +252,7 @@ def test_no_samples() -> None:
         "rtt_median_s": None,
         "samples": 0,
         "calibrated": False,
+        "long_lines": False,
     }
 
 
@@ -310,3 +311,54 @@ def test_a_duplicated_pong_is_not_a_second_sample() -> None:
         est.add(t, t + 50.0, t + 50.0001, t + 0.25)  # every pong delivered twice
     assert abs(est.rate_ppm) < 1.0
     assert est.to_local(est.to_master(120.0)) == pytest.approx(120.0, abs=1e-9)
+
+
+def jittered(
+    seed: int, seconds: float, *, hop_jitter_s: float, ppm: float, step: tuple[float, float] = (0, 0)
+) -> list[Ping]:
+    """Pings at 10 Hz through a broker: each way two hops of 0.15 ms + uniform(0, hop_jitter_s).
+    The master runs ``ppm`` fast from an hour ahead; ``step = (t, extra_ppm)`` changes its rate
+    at node time t (an NTP frequency correction)."""
+    rng = random.Random(seed)
+    t_step, extra = step
+
+    def master(t: float) -> float:
+        return 3600.0 + t * (1 + ppm * 1e-6) + max(0.0, t - t_step) * extra * 1e-6 * (t_step > 0)
+
+    def hop() -> float:
+        return 0.00015 + rng.uniform(0.0, hop_jitter_s)
+
+    pings = []
+    for i in range(int(seconds * 10)):
+        t1 = i / 10
+        t2 = master(t1 + hop() + hop())
+        t3 = t2 + 0.0001
+        # the node time at which the master's clock reads t3 (the rates are within 1e-3)
+        at = t1 + (t3 - master(t1)) / (1 + (ppm + extra * (t1 >= t_step > 0)) * 1e-6)
+        t4 = at + hop() + hop()
+        pings.append(Ping(t1, t2, t3, t4, master(t4) - t4))
+    return pings
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_long_lines_hold_the_offset_within_a_millisecond_under_0_to_20_ms_of_jitter(
+    seed: int,
+) -> None:
+    # two hops each way of 0-20 ms: the fastest of a window's 64 trips is still ~3.5 ms above
+    # the floor, which left the window-only estimate 1-4 ms off (p99 ~3 ms)
+    pings = jittered(seed, 360, hop_jitter_s=0.020, ppm=100.0)
+    est = ClockEstimator()
+    errs = errors(est, pings)
+    settled = sorted(abs(e) for e in errs[2400:])  # the last two minutes
+    assert settled[int(0.99 * len(settled))] < 0.8e-3
+    assert est.stats()["long_lines"] is True
+    assert est.rate_ppm == pytest.approx(100.0, abs=2.0)
+
+
+def test_a_rate_change_drops_the_long_lines_before_it_costs_a_third_of_a_millisecond() -> None:
+    pings = jittered(4, 360, hop_jitter_s=0.0005, ppm=50.0, step=(200.0, 20.0))
+    est = ClockEstimator()
+    errs = errors(est, pings)
+    assert est.long_resets >= 1
+    assert max(abs(e) for e in errs[600:]) < 0.4e-3
+    assert est.rate_ppm == pytest.approx(70.0, abs=2.0)
