@@ -22,6 +22,7 @@ against time. Writes bench/results/sync-<N>n-<J>ms-<broker>.json/.png/.svg.
 from __future__ import annotations
 
 import bisect
+import math
 import random
 import shutil
 import statistics
@@ -170,14 +171,21 @@ def starts_of(logs: dict[str, list[Block]], events: list[tuple[float, str]]) -> 
     return sorted(starts)
 
 
+SETTLED_S = 240.0
+"""From this long after the first play on, the clock estimates have their full long lines."""
+
+
 def analyse(logs: dict[str, list[Block]], events: list[tuple[float, str]]) -> dict[str, Any]:
     samples = skew_samples(logs)
     starts = starts_of(logs, events)
-    spread_all, spread_after, spread_steady = [], [], []
+    settled_ns = round((events[0][0] + SETTLED_S) * 1e9) if events else 0
+    spread_all, spread_after, spread_steady, spread_settled = [], [], [], []
     deviation: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for t, times in samples:
         spread = max(times.values()) - min(times.values())
         spread_all.append(spread)
+        if t >= settled_ns:
+            spread_settled.append(spread)
         i = bisect.bisect_right(starts, t) - 1
         after = i >= 0 and t - starts[i] < AFTER_START_S * 1e9
         (spread_after if after else spread_steady).append(spread)
@@ -191,18 +199,24 @@ def analyse(logs: dict[str, list[Block]], events: list[tuple[float, str]]) -> di
         "skew": summary_us(spread_all),
         "skew_after_start": summary_us(spread_after),
         "skew_steady": summary_us(spread_steady),
+        f"skew_from_{SETTLED_S:.0f}_s": summary_us(spread_settled),
         "deviation_from_median": per_node,
         "_series": deviation,
     }
 
 
 def clock_errors(
-    updates: list[tuple[float, str, dict[str, Any]]], node_specs: list[NodeSpec]
+    updates: list[tuple[float, str, dict[str, Any]]],
+    node_specs: list[NodeSpec],
+    since: float = -math.inf,
 ) -> dict[str, Any]:
-    """Each follower's published offset estimate against the truth at the time it arrived."""
+    """Each follower's published offset estimate against the truth at the time it arrived
+    (host time ``since`` on)."""
     clocks = {s.id: (s.clock_offset, s.clock_drift_ppm * 1e-6) for s in node_specs}
     per_node: dict[str, list[float]] = defaultdict(list)
     for host_t, node, doc in updates:
+        if host_t < since:
+            continue
         master = doc.get("master")
         est = (doc.get("clock") or {}).get("offset_s")
         if doc.get("role") != "follower" or master not in clocks or est is None:
@@ -327,6 +341,8 @@ def main() -> None:
                 p.stop()
     result = analyse(logs, events)
     result["clock_error"] = clock_errors(updates, node_specs)
+    settled = events[0][0] + SETTLED_S
+    result[f"clock_error_from_{SETTLED_S:.0f}_s"] = clock_errors(updates, node_specs, settled)
     series = result.pop("_series")
     t0 = round(t_start * 1e9)
     out = Path(__file__).parent / "results" / f"{name}-{args.broker}"
@@ -353,9 +369,12 @@ def main() -> None:
             ("all", result["skew"]),
             ("first second after a start", result["skew_after_start"]),
             ("steady", result["skew_steady"]),
+            (f"from {SETTLED_S:.0f} s on", result[f"skew_from_{SETTLED_S:.0f}_s"]),
         )
     ]
     print(table(["skew", "samples", "p50 ms", "p99 ms", "max ms"], rows))
+    print(f"clock estimate error: {result['clock_error']}")
+    print(f"  from {SETTLED_S:.0f} s on: {result[f'clock_error_from_{SETTLED_S:.0f}_s']}")
     print(f"cpu % of one core: {cpu}")
     print(f"wrote {path} and {out}.png/.svg")
 

@@ -49,9 +49,9 @@ dominates the error, which the long anchor baseline removes.
   offset, and half the difference of their slopes the rate. With 0-20 ms per hop this takes the
   offset error p99 from ~3 to ~0.6 ms. A clock whose rate changes (an NTP slew) bends those
   points, so the long lines are used only while they agree with the window's estimate within
-  ``LONG_AGREE`` times the blocks' own scatter (from one block to the next); when they do not, every block but
-  the newest few is forgotten and the window's estimate is used until the lines have
-  ``MIN_LONG_BLOCKS`` blocks again.
+  ``LONG_AGREE`` times the blocks' own scatter (from one block to the next); when they do
+  not, every block but the newest few is forgotten and the window's estimate is used until the
+  lines have ``MIN_LONG_BLOCKS`` blocks again.
 
 Times are taken relative to ``t_ref`` (the newest sample) before any product, since clock values
 can be ~1e6 s. A master change or a stepped clock shows up as samples far from ``offset_at``;
@@ -60,6 +60,7 @@ the caller decides and calls ``reset``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections import deque
@@ -136,10 +137,10 @@ def _lower_line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     if len(hull) == 1:
         return hull[0][1], 0.0
     t_mean = math.fsum(t for t, _ in points) / len(points)
-    (x1, y1), (x2, y2) = hull[0], hull[1]
-    for (x1, y1), (x2, y2) in zip(hull, hull[1:], strict=False):
-        if x2 >= t_mean:
-            break
+    i = 1
+    while i < len(hull) - 1 and hull[i][0] < t_mean:
+        i += 1
+    (x1, y1), (x2, y2) = hull[i - 1], hull[i]
     slope = (y2 - y1) / (x2 - x1)
     return y1 - slope * x1, slope
 
@@ -238,7 +239,7 @@ class ClockEstimator:
         # how far one block's estimate strays from the next: the noise of a few blocks'
         # estimate, measured so that a bend in the points (what is tested) does not inflate it
         each = [(yu - yd) / 2 - rate * ((tu + td) / 2 - t0) for tu, yu, td, yd in blocks]
-        scatter = statistics.median(abs(b - a) for a, b in zip(each, each[1:], strict=False))
+        scatter = statistics.median(abs(b - a) for a, b in itertools.pairwise(each))
         recent = list(self._samples)[-self._block * KEEP_BLOCKS :]
         short = _envelope_offset(recent, rate, t0)
         if abs(short - offset0) > LONG_AGREE * scatter + LONG_FLOOR_S:

@@ -314,7 +314,12 @@ def test_a_duplicated_pong_is_not_a_second_sample() -> None:
 
 
 def jittered(
-    seed: int, seconds: float, *, hop_jitter_s: float, ppm: float, step: tuple[float, float] = (0, 0)
+    seed: int,
+    seconds: float,
+    *,
+    hop_jitter_s: float,
+    ppm: float,
+    step: tuple[float, float] = (0, 0),
 ) -> list[Ping]:
     """Pings at 10 Hz through a broker: each way two hops of 0.15 ms + uniform(0, hop_jitter_s).
     The master runs ``ppm`` fast from an hour ahead; ``step = (t, extra_ppm)`` changes its rate

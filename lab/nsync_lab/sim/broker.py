@@ -412,9 +412,7 @@ class SimBroker:
         else:
             self._send_up(conn, fn, (pattern,), False)
 
-    def _control_arrived(
-        self, conn: Conn, gen: int, fn: Callable[..., None], pattern: str
-    ) -> bool:
+    def _control_arrived(self, conn: Conn, gen: int, fn: Callable[..., None], pattern: str) -> bool:
         """As _arrived, but a packet a cut caught in flight is sent again (held if still cut)."""
         if not conn.connected:
             self.stats.lost_disconnect += 1
