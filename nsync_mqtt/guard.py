@@ -28,7 +28,7 @@ from nsync_mqtt.errors import NSyncError
 log = logging.getLogger("nsync.guard")
 
 STALL_REPORT_S = 0.5  # a loop blocked this long is reported (with its stack)
-STALL_CHECK_S = 0.1  # how often the watchdog looks
+STALL_CHECK_S = 0.25  # how often the watchdog looks
 
 
 def _decade(n: int) -> bool:

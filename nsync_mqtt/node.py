@@ -43,7 +43,7 @@ from nsync_mqtt.wire import PeerState
 log = logging.getLogger("nsync.node")
 
 NODE_STATE_PERIOD_S = 1.0
-HOUSEKEEPING_S = 0.1
+HOUSEKEEPING_S = 0.25
 TRANSFER_WINDOW = 2  # chunks of a background song transfer not yet taken by the broker
 TRANSFER_ACK_TIMEOUT_S = 2.0  # a chunk the broker has not taken by then no longer holds up the next
 
@@ -140,6 +140,7 @@ class Node:
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nsync-decode")
         self._decoding: set[str] = set()
         self._wake = asyncio.Event()
+        self._waits_until = -math.inf  # node time the election step sleeps until
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self.transfers = TransferQueue()  # chunks owed to other nodes
@@ -261,10 +262,11 @@ class Node:
     async def _election_step(self) -> None:
         now = self.clock.now()
         self._do(self.core.election_tick(now))
-        delay = max(0.0, self.core.election.deadline() - now)
+        delay = min(max(0.0, self.core.election.deadline() - now), 1.0)
+        self._waits_until = now + delay
         self._wake.clear()
         with contextlib.suppress(TimeoutError):
-            await wait_event(self._wake, min(delay, 1.0))
+            await wait_event(self._wake, delay)
 
     async def _ping_step(self) -> None:
         await asyncio.sleep(self.core.ping_interval())
@@ -320,8 +322,8 @@ class Node:
             self._publish_node_state(force=True)
         if eff.state_soon and self._state_timer is None and self.loop is not None:
             self._state_timer = self.loop.call_later(STATE_PUBLISH_DELAY_S, self._publish_state)
-        if eff.wake:
-            self._wake.set()
+        if eff.wake and self.core.election.deadline() < self._waits_until:
+            self._wake.set()  # only a deadline that came earlier (not each heartbeat's)
         if (eff.sink or eff.attach) and self.loop is not None:
             # after the bus has sent this event's messages (an ack goes before the sink's work)
             self.loop.call_soon(self._drive_sink, eff.sink, eff.attach)

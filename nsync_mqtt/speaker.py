@@ -457,7 +457,7 @@ class Speaker:
         return eff
 
     def tick(self, now: float) -> Effects:
-        """Housekeeping, every 0.1 s: acks and loads that expire, isolation, stalled songs."""
+        """Housekeeping, every 0.25 s: acks and loads that expire, isolation, stalled songs."""
         eff = Effects()
         if self.master is not None:
             self.master.tick(now, eff)

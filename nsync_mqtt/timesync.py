@@ -47,11 +47,12 @@ dominates the error, which the long anchor baseline removes.
   best (the edge of their lower convex hull above the points' mean time, the linear program of
   Moon, Skelly and Towsley for one-way delays); half the difference of the two lines is the
   offset, and half the difference of their slopes the rate. With 0-20 ms per hop this takes the
-  offset error p99 from ~3 to ~0.6 ms. A clock whose rate changes (an NTP slew) bends those
-  points, so the long lines are used only while they agree with the window's estimate within
-  ``LONG_AGREE`` times the blocks' own scatter (from one block to the next); when they do
-  not, every block but the newest few is forgotten and the window's estimate is used until the
-  lines have ``MIN_LONG_BLOCKS`` blocks again.
+  offset error p99 from ~3 ms to ~1 ms (a model of those delays, 10 pings a second). A clock
+  whose rate changes (an NTP slew) bends those points, so the long lines are used only while
+  they agree with the window's estimate within ``LONG_AGREE`` times the blocks' own scatter
+  (from one block to the next); when they do not, every block but the newest few is
+  forgotten and the window's estimate is used until the lines have ``MIN_LONG_BLOCKS``
+  blocks again.
 
 Times are taken relative to ``t_ref`` (the newest sample) before any product, since clock values
 can be ~1e6 s. A master change or a stepped clock shows up as samples far from ``offset_at``;

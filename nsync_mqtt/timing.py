@@ -1,9 +1,9 @@
 """Timing constants, in one place, with units in their names.
 
 Relations that must hold (checked by ``Timing.validate``):
-- heartbeat_interval_s is well below election_timeout_min_s (about a tenth by default, at
-  most a third), so a few lost
-  heartbeats never start an election;
+- heartbeat_interval_s is well below election_timeout_min_s (a quarter by default, at most a
+  third), so a few lost heartbeats never start an election. Each heartbeat wakes every
+  follower; how fast a dead master is noticed is set by the election timeout, not by this;
 - election_timeout_min_s < election_timeout_max_s (the random spread avoids split votes);
 - ack_timeout_s is below the client's default timeout (3 s), so the client hears the failure
   rather than its own timeout;
@@ -21,7 +21,7 @@ from nsync_mqtt.errors import ConfigError
 
 @dataclass(frozen=True)
 class Timing:
-    heartbeat_interval_s: float = 0.05
+    heartbeat_interval_s: float = 0.1
     election_timeout_min_s: float = 0.4
     election_timeout_max_s: float = 0.8
     ping_interval_s: float = 0.1
