@@ -130,6 +130,10 @@ DAC_LINE_SPAN_S = 15.0
 reports passes for a drift); until then each report is taken as it is."""
 DAC_BREAK_S = 0.002
 """A report this far off the line is a break (an underrun, a restarted device): start over."""
+DAC_SETTLE_S = 10.0
+"""A fresh stream's reports (and those after a break) settle for a few seconds (PulseAudio's:
+±0.3 ms over the first 8 s, then tens of µs): so long they are used as they are but kept out
+of the line, which they would bend for the next 30 s."""
 
 
 class DacClock:
@@ -138,8 +142,9 @@ class DacClock:
     ``window_s``. A sound server's latency reports jitter by tens of microseconds and wander by
     a few hundred over tens of seconds; the DAC itself only drifts (a slope). So the stream is
     steered against the line, not against each report, once the reports span
-    ``DAC_LINE_SPAN_S`` (before, and after a break, each report as it is). Pure: fed
-    ``(j, t_ns)`` pairs."""
+    ``DAC_LINE_SPAN_S`` (before, and after a break, each report as it is). The reports of a
+    stream's first ``DAC_SETTLE_S`` (and of as long after a break) are kept out of the line.
+    Pure: fed ``(j, t_ns)`` pairs."""
 
     def __init__(self, rate: int, block_frames: int, window_s: float = DAC_FIT_WINDOW_S) -> None:
         self.rate = rate
@@ -149,6 +154,8 @@ class DacClock:
         self._line: tuple[int, int, float] | None = None  # (j0, t0, ns per frame)
         self._since = 0
         self.breaks = 0
+        self._settle_frames = round(DAC_SETTLE_S * rate)
+        self._settled_from: int | None = None  # the first frame whose report may go in the line
 
     def add(self, j: int, t_ns: int) -> int:
         """A report: frame ``j`` reaches the DAC at ``t_ns``; returns the line's time for it."""
@@ -157,6 +164,11 @@ class DacClock:
             self.breaks += 1
             self._points.clear()
             line = self._line = None
+            self._settled_from = j + self._settle_frames
+        if self._settled_from is None:
+            self._settled_from = j + self._settle_frames
+        if j < self._settled_from:
+            return t_ns  # settling: as it is, and not in the line
         self._points.append((j, t_ns))
         self._since += 1
         if line is None or self._since >= DAC_REFIT_EVERY:

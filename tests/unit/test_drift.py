@@ -336,9 +336,31 @@ def test_the_dac_line_averages_jittery_wandering_reports_and_keeps_the_drift() -
 
 def test_a_jump_in_the_reports_restarts_the_line() -> None:
     dac = DacClock(RATE, 441)
-    for k in range(500):
+    for k in range(1500):  # past the settling (whose reports are not in the line)
         dac.add(k * 441, 10 * NS + round(k * 441 * NS / RATE))
-    j = 500 * 441
+    j = 1500 * 441
     later = 10 * NS + round(j * NS / RATE) + 50_000_000  # the device restarted, 50 ms later
     assert dac.add(j, later) == later and dac.breaks == 1
     assert dac.add(j + 441, later + round(441 * NS / RATE)) == later + round(441 * NS / RATE)
+
+
+def test_a_fresh_streams_settling_reports_stay_out_of_the_line() -> None:
+    """PulseAudio's reports of a new stream are off by up to 0.3 ms over its first 8 s, then
+    only jitter: fitted in, that settling bent the line (0.2-0.3 ms off from 15 to 35 s of
+    stream in the real-stack runs)."""
+    rng = random.Random(9)
+    dac = DacClock(RATE, 441)
+    worst_line = 0.0
+    for k in range(100 * 60):  # a minute of 10 ms blocks
+        j = k * 441
+        truth = 10 * NS + round(j * NS / RATE)
+        t = k / 100
+        settling = 300_000 * max(0.0, 1 - t / 8)  # late at first, then right
+        report = truth + round(settling + rng.gauss(0, 10_000))
+        line = dac.add(j, report)
+        if t < 8:
+            assert line == report  # used as they are while settling
+        if t >= 25:  # the line, from the settled reports only
+            worst_line = max(worst_line, abs(line - truth))
+    assert worst_line < 15_000
+    assert dac.breaks == 0
