@@ -97,6 +97,16 @@ class Sample:
     offset: float
     rtt: float
 
+    @property
+    def up(self) -> float:
+        """``t2 - t1``: the request's trip plus the offset."""
+        return self.offset + self.rtt / 2
+
+    @property
+    def down(self) -> float:
+        """``t4 - t3``: the reply's trip minus the offset."""
+        return self.rtt / 2 - self.offset
+
 
 def _weights(samples: Sequence[Sample], rtt_min: float) -> list[float]:
     cutoff = rtt_min + max(RTT_CUTOFF_S, rtt_min)
@@ -118,8 +128,8 @@ def _envelope_offset(samples: Iterable[Sample], rate: float, t_ref: float) -> fl
     up = down = math.inf
     for x in samples:
         shift = rate * (x.t_local - t_ref)
-        up = min(up, x.offset + x.rtt / 2 - shift)
-        down = min(down, x.rtt / 2 - x.offset + shift)
+        up = min(up, x.up - shift)
+        down = min(down, x.down + shift)
     return (up - down) / 2
 
 
@@ -218,11 +228,9 @@ class ClockEstimator:
         t_mid = (block[0].t_local + block[-1].t_local) / 2
         self._anchors.append((t_mid, _envelope_offset(block, self._b, t_mid)))
         self._anchor_rate = self._theil_sen() if len(self._anchors) >= 3 else None
-        up = min(block, key=lambda x: x.offset + x.rtt / 2)
-        down = min(block, key=lambda x: x.rtt / 2 - x.offset)
-        self._blocks.append(
-            (up.t_local, up.offset + up.rtt / 2, down.t_local, down.rtt / 2 - down.offset)
-        )
+        up = min(block, key=lambda x: x.up)
+        down = min(block, key=lambda x: x.down)
+        self._blocks.append((up.t_local, up.up, down.t_local, down.down))
         self._long = None
         if len(self._blocks) >= MIN_LONG_BLOCKS:
             self._fit_long()

@@ -414,13 +414,10 @@ class SimBroker:
 
     def _control_arrived(self, conn: Conn, gen: int, fn: Callable[..., None], pattern: str) -> bool:
         """As _arrived, but a packet a cut caught in flight is sent again (held if still cut)."""
-        if not conn.connected:
-            self.stats.lost_disconnect += 1
-            return False
-        if conn.link.up_gen != gen:
+        if conn.connected and conn.link.up_gen != gen:
             self._send_control(conn, fn, pattern)
             return False
-        return True
+        return self._arrived(conn, gen)
 
     def _arrived(self, conn: Conn, gen: int) -> bool:
         if not conn.connected:
