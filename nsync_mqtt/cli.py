@@ -26,6 +26,10 @@ CLIENT_COMMANDS = (
     "enqueue",
     "volume",
     "seek",
+    "clear",
+    "remove",
+    "move",
+    "replace",
 )
 
 
@@ -98,6 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--bg", action="store_true", help="return once the master holds it")
     eq = sub.add_parser("enqueue", help="add a song (file, hash or exact title) to the playlist")
     eq.add_argument("song")
+    where = eq.add_mutually_exclusive_group()
+    where.add_argument("--next", action="store_true", help="right after the current song")
+    where.add_argument("--play", action="store_true", help="after the current song, and play it")
+    sub.add_parser("clear", help="empty the playlist (stops playback)")
+    rm = sub.add_parser("remove", help="remove the song at a playlist position (0 = first)")
+    rm.add_argument("index", type=int)
+    mv = sub.add_parser("move", help="move the song at position FROM to position TO")
+    mv.add_argument("src", type=int, metavar="FROM")
+    mv.add_argument("dst", type=int, metavar="TO")
+    rp = sub.add_parser("replace", help="play a song (file, hash or title) as the only one")
+    rp.add_argument("song")
     vol = sub.add_parser("volume", help="set the volume: 0-100, +N or -N")
     vol.add_argument("level")
     sk = sub.add_parser("seek", help="jump to a position in the current song")
@@ -235,7 +250,15 @@ def _cmd_client(args: argparse.Namespace) -> int:
                 return 2
             reply = client.load_song(args.file, bg=args.bg, progress=_print_progress)
         elif cmd == "enqueue":
-            reply = client.enqueue_song(args.song, progress=_print_progress)
+            reply = client.enqueue_song(
+                args.song, progress=_print_progress, next=args.next, play=args.play
+            )
+        elif cmd == "replace":
+            reply = client.replace(args.song, progress=_print_progress)
+        elif cmd == "remove":
+            reply = client.remove(args.index)
+        elif cmd == "move":
+            reply = client.move(args.src, args.dst)
         elif cmd == "volume":
             reply = client.volume(args.level)
         elif cmd == "seek":

@@ -174,16 +174,50 @@ class NSyncClient:
     def seek(self, seconds: float) -> Reply:
         return self.request("seek", {"seconds": seconds})
 
-    def enqueue_song(self, song: str | os.PathLike[str], progress: Progress | None = None) -> Reply:
-        """Enqueue a loaded song by hash or exact title, or a file (loaded first if needed)."""
+    def enqueue_song(
+        self,
+        song: str | os.PathLike[str],
+        progress: Progress | None = None,
+        next: bool = False,
+        play: bool = False,
+    ) -> Reply:
+        """Enqueue a loaded song by hash or exact title, or a file (loaded first if needed): at
+        the end of the playlist, or with ``next`` right after the current song, or with ``play``
+        there and playing it now."""
+        flags = {k: v for k, v in (("next", next), ("play", play)) if v}
+        return self._with_song("enqueue", song, progress, flags)
+
+    def replace(self, song: str | os.PathLike[str], progress: Progress | None = None) -> Reply:
+        """Make ``song`` (hash, exact title or file) the whole playlist and play it."""
+        return self._with_song("replace", song, progress, {})
+
+    def clear(self) -> Reply:
+        """Empty the playlist; playback stops."""
+        return self.request("clear")
+
+    def remove(self, index: int) -> Reply:
+        """Remove the song at playlist position ``index`` (0 is the first song)."""
+        return self.request("remove", {"index": index})
+
+    def move(self, src: int, dst: int) -> Reply:
+        """Move the song at playlist position ``src`` to position ``dst``."""
+        return self.request("move", {"from": src, "to": dst})
+
+    def _with_song(
+        self,
+        verb: str,
+        song: str | os.PathLike[str],
+        progress: Progress | None,
+        flags: dict[str, Any],
+    ) -> Reply:
         text = os.fspath(song)
         path = Path(text)
         if not HASH_RE.fullmatch(text) and path.is_file():
             loaded = self.load_song(path, progress=progress)
             if not loaded["success"]:
                 return loaded
-            return self.request("enqueue", {"song": loaded["params"]["song"]})
-        return self.request("enqueue", {"song": text})
+            text = loaded["params"]["song"]
+        return self.request(verb, {"song": text, **flags})
 
     def load_song(
         self,

@@ -160,6 +160,10 @@ VERBS = frozenset(
         "volume",
         "seek",
         "status",
+        "clear",
+        "remove",
+        "move",
+        "replace",
     }
 )
 UNKNOWN_FRAMES = 1 << 62  # a held song whose length is not known yet
@@ -201,7 +205,7 @@ def parse_command(verb: str, payload: bytes) -> Request:
         if reply_to is not None:
             check_id(reply_to, "reply_to")
         params = obj
-        for key in ("arg", "value", "song", "title", "volume", "seconds", "position"):
+        for key in ("arg", "value", "song", "title", "volume", "seconds", "position", "index"):
             if key in obj:
                 arg = obj[key]
                 break
@@ -234,6 +238,16 @@ def _text(value: Any) -> bytes:
     if isinstance(value, (list, dict)):
         return json.dumps(value, separators=(",", ":")).encode()
     return str(value).encode()
+
+
+def _move_arg(req: Request) -> tuple[Any, Any]:
+    """``move``'s two positions: ``{"from": A, "to": B}`` or the plain text ``A B``."""
+    if "from" in req.params or "to" in req.params:
+        return req.params.get("from"), req.params.get("to")
+    parts = str(req.arg or "").replace(",", " ").split()
+    if len(parts) != 2:
+        raise CommandError('move needs two playlist positions: "FROM TO" or {"from": A, "to": B}')
+    return parts[0], parts[1]
 
 
 class Master:
@@ -413,16 +427,23 @@ class Master:
         return eff
 
     def _serve(self, now: float, eff: Effects, req: Request) -> None:
-        arg = req.arg
-        if req.verb == "enqueue":
-            arg = self._resolve_song(arg)
-        new, op = apply_command(self.sp.state, req.verb, arg, self._ctx(now))
+        verb, arg = req.verb, req.arg
+        if verb in ("enqueue", "replace"):
+            arg = self._resolve_song(verb, arg)
+        if verb == "enqueue":
+            play, nxt = req.params.get("play", False), req.params.get("next", False)
+            if not isinstance(play, bool) or not isinstance(nxt, bool):
+                raise CommandError("enqueue's next and play must be true or false")
+            verb = "enqueue_play" if play else "enqueue_next" if nxt else "enqueue"
+        elif verb == "move":
+            arg = _move_arg(req)
+        new, op = apply_command(self.sp.state, verb, arg, self._ctx(now))
         self.commit(now, eff, new, op, req)
 
-    def _resolve_song(self, arg: Any) -> str:
+    def _resolve_song(self, verb: str, arg: Any) -> str:
         lib = self.sp.lib
         if not isinstance(arg, str) or not arg:
-            raise CommandError("enqueue needs a song hash or an exact title")
+            raise CommandError(f"{verb} needs a song hash or an exact title")
         if len(arg) == 56 and all(c in "0123456789abcdef" for c in arg):
             if not lib.has(arg):
                 raise CommandError(f"song {arg[:12]}… is not loaded; load it first")

@@ -43,6 +43,7 @@ RATE = 44100
 PLAYING, PAUSED, IDLE = "playing", "paused", "idle"
 PLAYBACK_STATES = (PLAYING, PAUSED, IDLE)
 BACKWARD_RESTART_S = 3.0  # backward within this many seconds of a song's start goes to the previous
+MAX_PLAYLIST_LEN = 5000  # songs; an enqueue beyond it is refused (each edit re-hashes the list)
 
 
 EMPTY_PLAYLIST_HASH = hashlib.sha224(b"").hexdigest()
@@ -63,6 +64,45 @@ def playlist_hash(songs: Iterable[str], start: str = EMPTY_PLAYLIST_HASH) -> str
     for song in songs:
         h = chain_hash(h, song)
     return h
+
+
+EDITS = ("clear", "remove", "move", "insert", "replace")
+
+
+def edit_songs(
+    playlist: tuple[str, ...], edit: str, at: int = 0, to: int = 0, song: str | None = None
+) -> tuple[str, ...]:
+    """The playlist after one edit: ``clear``; ``remove`` the entry at ``at``; ``move`` the
+    entry at ``at`` to ``to``; ``insert`` ``song`` at ``at``; ``replace`` everything with
+    ``song``. ValueError if a position is out of range."""
+    n = len(playlist)
+    if edit == "clear":
+        return ()
+    if edit == "replace" and song is not None:
+        return (song,)
+    if edit == "insert" and song is not None and 0 <= at <= n:
+        return (*playlist[:at], song, *playlist[at:])
+    if edit == "remove" and 0 <= at < n:
+        return playlist[:at] + playlist[at + 1 :]
+    if edit == "move" and 0 <= at < n and 0 <= to < n:
+        rest = playlist[:at] + playlist[at + 1 :]
+        return (*rest[:to], playlist[at], *rest[to:])
+    raise ValueError(f"cannot {edit} at {at} (to {to}) in a playlist of {n}")
+
+
+def moved_slot(slot: int, edit: str, at: int = 0, to: int = 0) -> int:
+    """Where the entry at ``slot`` is after a ``remove``, ``move`` or ``insert`` at ``at`` (a
+    removed slot stays where it was: the next entry takes its place)."""
+    if edit == "remove":
+        return slot - 1 if at < slot else slot
+    if edit == "insert":
+        return slot + 1 if at <= slot else slot
+    if edit == "move":
+        if slot == at:
+            return to
+        slot -= at < slot
+        return slot + (to <= slot)
+    return slot
 
 
 @dataclass(frozen=True)
@@ -275,10 +315,11 @@ def apply_command(
 ) -> tuple[PlayerState, dict[str, Any]]:
     """Apply one client command; raise CommandError (state unchanged) if it cannot apply."""
     pb = state.playback
+    if verb in EDIT_VERBS:
+        return _edit_command(state, verb, arg, ctx)
     if verb == "enqueue":
-        song = check_hash(arg)
-        if song not in ctx.song_frames:
-            raise SongMissing(f"song {song[:12]}… is not loaded; load it first")
+        song = _loaded(arg, ctx)
+        _room_for_one(state)
         new_pb = pb
         if pb.song is None:  # nothing slotted: the new song becomes the current one
             new_pb = replace(pb, slot=len(state.playlist), song=song, frame=0, at=None)
@@ -354,6 +395,98 @@ def apply_command(
     raise CommandError(f"unknown command {verb!r}")
 
 
+EDIT_VERBS = ("clear", "remove", "move", "replace", "enqueue_next", "enqueue_play")
+
+
+def _loaded(arg: Any, ctx: Context) -> str:
+    song = check_hash(arg)
+    if song not in ctx.song_frames:
+        raise SongMissing(f"song {song[:12]}… is not loaded; load it first")
+    return song
+
+
+def _room_for_one(state: PlayerState) -> None:
+    if len(state.playlist) >= MAX_PLAYLIST_LEN:
+        raise CommandError(
+            f"the playlist is full ({MAX_PLAYLIST_LEN} songs): remove or clear some first"
+        )
+
+
+def _position(value: Any, what: str, n: int) -> int:
+    """A playlist position 0..n-1 (the first song is 0, as the state's ``slot`` counts)."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if not _is_int(value):
+        raise CommandError(f"{what} needs a playlist position (0 is the first song), got {value!r}")
+    if not 0 <= value < n:
+        if n == 0:
+            raise CommandError("the playlist is empty")
+        raise CommandError(f"{what} {value} is out of range: the playlist has positions 0-{n - 1}")
+    return value
+
+
+def _edit_command(
+    state: PlayerState, verb: str, arg: Any, ctx: Context
+) -> tuple[PlayerState, dict[str, Any]]:
+    """The playlist-editing commands: one ``edit`` operation each, which the speakers replay
+    with :func:`edit_songs` and check against the new playlist's hash."""
+    pb = state.playback
+    n = len(state.playlist)
+    at = to = 0
+    song: str | None = None
+    if verb == "clear":
+        if not state.playlist:
+            raise Unchanged("the playlist is already empty: nothing changed")
+        edit = "clear"
+    elif verb == "replace":
+        edit, song = "replace", _loaded(arg, ctx)
+    elif verb == "remove":
+        edit, at = "remove", _position(arg, "remove", n)
+    elif verb == "move":
+        if not isinstance(arg, (tuple, list)) or len(arg) != 2:
+            raise CommandError("move needs two playlist positions: FROM TO")
+        edit, at, to = "move", _position(arg[0], "move from", n), _position(arg[1], "move to", n)
+        if at == to:
+            raise Unchanged(f"song {at} is already at position {to}: nothing changed")
+    else:  # enqueue_next, enqueue_play: right after the current song (or at the end)
+        edit, song = "insert", _loaded(arg, ctx)
+        _room_for_one(state)
+        at = pb.slot + 1 if pb.song is not None else n
+    playlist = edit_songs(state.playlist, edit, at, to, song)
+    edited = replace(state, playlist=playlist)
+    new_pb = _playback_after_edit(state, edited, verb, edit, at, to, ctx)
+    new = _next(edited, ctx, playback=new_pb)
+    extra: dict[str, Any] = {"edit": edit, "playback": new_pb.to_dict()}
+    if edit in ("remove", "move", "insert"):
+        extra["at"] = at
+    if edit == "move":
+        extra["to"] = to
+    if song is not None:
+        extra["song"] = song
+    return new, _op(state, new, "edit", **extra)
+
+
+def _playback_after_edit(
+    state: PlayerState, edited: PlayerState, verb: str, edit: str, at: int, to: int, ctx: Context
+) -> Playback:
+    """Where playback is after an edit: the current song goes on where it now stands; if it was
+    removed (or the list cleared) the next one takes its place, playing if it was; ``replace``
+    and ``enqueue_play`` start their song."""
+    pb = state.playback
+    playing = pb.state == PLAYING
+    if edit == "replace" or verb == "enqueue_play":
+        return _start(edited, 0 if edit == "replace" else at, 0, ctx)
+    if verb == "enqueue_next" and pb.song is None:  # nothing slotted: the song becomes current
+        return replace(pb, slot=at, song=edited.playlist[at], frame=0, at=None)
+    if edit == "clear" or (edit == "remove" and at == pb.slot):
+        slot = 0 if edit == "clear" else at
+        cued = _cued(edited, slot, playing, ctx)
+        if cued.song is None and playing:  # nothing left to play: stop at the lead instant
+            return replace(cued, at=ctx.now + ctx.lead_s)
+        return cued
+    return replace(pb, slot=moved_slot(pb.slot, edit, at, to))
+
+
 def next_song(state: PlayerState, finished_slot: int, ctx: Context) -> tuple[PlayerState, dict]:
     """The slotted song finished on a quorum: move on (idle after the last song)."""
     pb = state.playback
@@ -402,7 +535,7 @@ class StaleOp(ProtocolError):
     deposed master, to be ignored (neither applied nor acknowledged)."""
 
 
-OP_KINDS = ("enqueue", "playback", "volume", "term")
+OP_KINDS = ("enqueue", "playback", "volume", "term", "edit")
 
 
 @dataclass(frozen=True)
@@ -415,9 +548,12 @@ class Operation:
     prev_term: int
     pre: str  # playlist hash before
     post: str  # and after
-    song: str | None = None  # enqueue
-    playback: Playback | None = None  # enqueue, playback
+    song: str | None = None  # enqueue; edit insert, replace
+    playback: Playback | None = None  # enqueue, playback, edit
     volume: int | None = None  # volume
+    edit: str | None = None  # edit: one of EDITS
+    at: int = 0  # edit remove, move, insert: the position
+    to: int = 0  # edit move: where to
 
     @classmethod
     def from_dict(cls, op: object) -> Operation:
@@ -434,18 +570,28 @@ class Operation:
             raise ProtocolError("op.term and op.prev_term must be integers, 0 <= prev_term <= term")
         pre = check_hash(op.get("pre"), "op.pre")
         post = check_hash(op.get("post"), "op.post")
-        song = playback = volume = None
+        song = playback = volume = edit = None
+        at = to = 0
         if kind == "enqueue":
             song = check_hash(op.get("song"), "op.song")
+        elif kind == "edit":
+            edit = op.get("edit")
+            if edit not in EDITS:
+                raise ProtocolError(f"op.edit must be one of {EDITS}, got {str(edit)[:40]!r}")
+            if edit in ("insert", "replace"):
+                song = check_hash(op.get("song"), "op.song")
+            at, to = op.get("at", 0), op.get("to", 0)
+            if not _is_int(at) or not _is_int(to) or at < 0 or to < 0:
+                raise ProtocolError("op.at and op.to must be non-negative integers")
         elif post != pre:
             raise ProtocolError(f"a {kind} operation must leave the playlist as it is")
-        if kind in ("enqueue", "playback") or (kind == "term" and "playback" in op):
+        if kind in ("enqueue", "playback", "edit") or (kind == "term" and "playback" in op):
             playback = Playback.from_dict(op.get("playback"))
         if kind == "volume":
             volume = op.get("volume")
             if not _is_int(volume) or not 0 <= volume <= 100:
                 raise ProtocolError("op.volume must be an integer 0-100")
-        return cls(kind, term, index, prev_term, pre, post, song, playback, volume)
+        return cls(kind, term, index, prev_term, pre, post, song, playback, volume, edit, at, to)
 
     def to_dict(self) -> dict[str, Any]:
         """The operation as it travels: ``Operation.from_dict(op.to_dict()) == op``."""
@@ -463,6 +609,12 @@ class Operation:
             doc["playback"] = self.playback.to_dict()
         if self.volume is not None:
             doc["volume"] = self.volume
+        if self.edit is not None:
+            doc["edit"] = self.edit
+            if self.edit in ("remove", "move", "insert"):
+                doc["at"] = self.at
+            if self.edit == "move":
+                doc["to"] = self.to
         return doc
 
 
@@ -491,7 +643,15 @@ def apply_op(state: PlayerState, op: Mapping[str, Any] | Operation) -> PlayerSta
         )
     if state.hash != o.pre:
         raise Mismatch("playlist hash differs from the master's before this operation")
-    if o.song is not None:  # enqueue
+    if o.edit is not None:
+        try:
+            playlist = edit_songs(state.playlist, o.edit, o.at, o.to, o.song)
+        except ValueError as err:
+            raise Mismatch(f"the master's {o.edit} does not fit this playlist: {err}") from None
+        state = replace(state, playlist=playlist)
+        if state.hash != o.post:
+            raise Mismatch(f"playlist hash differs from the master's after this {o.edit}")
+    elif o.song is not None:  # enqueue
         new = state.with_songs((o.song,), playback=o.playback, index=index, term=term)
         if new.hash != o.post:
             raise Mismatch("playlist hash differs from the master's after this enqueue")
