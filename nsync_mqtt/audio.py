@@ -38,6 +38,7 @@ from typing import Any
 from nsync_mqtt.drift import DacClock
 from nsync_mqtt.errors import ConfigError, NSyncError
 from nsync_mqtt.guard import Faults
+from nsync_mqtt.messages import HASH_RE
 from nsync_mqtt.stream import REANCHOR_S, Feeder, scale_pcm
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def _probe_wav(p: Path) -> dict[str, Any] | None:
                 f.seek(1, os.SEEK_CUR)
     duration = data_size / (rate * block_align) if rate and block_align else None
     return {
-        "title": info.get("INAM") or p.stem,
+        "title": info.get("INAM") or _stem_title(p),
         "artist": info.get("IART") or None,
         "duration_s": duration,
     }
@@ -161,7 +162,13 @@ def probe(path: Path | str) -> dict[str, Any]:
     if duration is None:
         with contextlib.suppress(Exception), wave.open(str(p), "rb") as w:
             duration = w.getnframes() / w.getframerate()
-    return {"title": title or p.stem, "artist": artist, "duration_s": duration}
+    return {"title": title or _stem_title(p), "artist": artist, "duration_s": duration}
+
+
+def _stem_title(p: Path) -> str | None:
+    """A file's name as its title, unless it is the store's hash name (the title then comes
+    from the name the song was loaded under, see ``SongStore.set_name``)."""
+    return None if HASH_RE.fullmatch(p.stem) else p.stem
 
 
 class PcmTrack:

@@ -84,6 +84,7 @@ class Effects:
     decode: list[Decode] = field(default_factory=list)
     chunks: list[SendChunks] = field(default_factory=list)
     remove: list[str] = field(default_factory=list)  # songs to delete from the store
+    names: list[tuple[str, str]] = field(default_factory=list)  # (song, its file or URL name)
     evict_keep: str | None = None  # keep the store under its cap, sparing this new song
     node_state: bool = False  # publish this node's retained state now
     state_soon: bool = False  # (master) publish the cluster's retained state shortly
@@ -100,6 +101,7 @@ class Effects:
             or self.decode
             or self.chunks
             or self.remove
+            or self.names
             or self.evict_keep
             or self.node_state
             or self.state_soon

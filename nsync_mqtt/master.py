@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from nsync_mqtt.effects import Effects, Publish
 from nsync_mqtt.errors import CommandError, ProtocolError
-from nsync_mqtt.messages import Message, check_id, reply_object
+from nsync_mqtt.messages import Message, check_id, reply_object, song_name
 from nsync_mqtt.playlist import (
     PLAYING,
     RATE,
@@ -250,6 +250,13 @@ def _move_arg(req: Request) -> tuple[Any, Any]:
     return parts[0], parts[1]
 
 
+def title_of(meta: dict[str, Any]) -> str | None:
+    """A song's title: its tag, else the file or URL name it was loaded under (never its
+    hash); None when neither is known."""
+    title = meta.get("title") or meta.get("name")
+    return title if isinstance(title, str) else None
+
+
 class Master:
     """The master's duties of one term, beside the node's :class:`speaker.Speaker` (``sp``):
     created on election, dropped on step-down."""
@@ -448,7 +455,7 @@ class Master:
             if not lib.has(arg):
                 raise CommandError(f"song {arg[:12]}… is not loaded; load it first")
             return arg
-        matches = [s for s in lib.songs() if lib.meta(s).get("title") == arg]
+        matches = [s for s in lib.songs() if title_of(lib.meta(s)) == arg]
         if not matches:
             raise CommandError(f"no loaded song has the title {arg!r}")
         if len(matches) > 1:
@@ -494,13 +501,16 @@ class Master:
         elif error:
             msg = f"not a playable song: {error}"
         else:
-            msg = f"stored {self.sp.lib.meta(song).get('title') or song[:12]}"
+            msg = f"stored {title_of(self.sp.lib.meta(song)) or song[:12]}"
             self.offer(eff, song)
         reply = make_reply(error is None, "upload", params, msg)
         eff.out.append(Publish(self.sp.topics.reply("upload"), reply))
 
-    def offer(self, eff: Effects, song: str) -> None:
-        self.sp.send(eff, "offer", manifest=self.sp.manifest(song).to_dict())
+    def offer(self, eff: Effects, song: str, name: str | None = None) -> None:
+        """Tell the speakers the master holds ``song`` (and the name it was loaded under)."""
+        name = name or self.sp.lib.meta(song).get("name")
+        extra = {"name": name} if isinstance(name, str) else {}
+        self.sp.send(eff, "offer", manifest=self.sp.manifest(song).to_dict(), **extra)
 
     # ------------------------------------------------------------------ published state
 
@@ -518,7 +528,7 @@ class Master:
         return {
             "playback": pb.state,
             "song": pb.song,
-            "title": meta.get("title"),
+            "title": title_of(meta),
             "artist": meta.get("artist"),
             "duration": meta.get("duration_s"),
             "position": round(pb.frame_at(now) / RATE, 3),
@@ -580,7 +590,7 @@ class Master:
             songs.append(
                 {
                     "hash": song,
-                    "title": meta.get("title"),
+                    "title": title_of(meta),
                     "artist": meta.get("artist"),
                     "duration": meta.get("duration_s"),
                     "size": lib.size_of(song),
@@ -651,10 +661,11 @@ class Loads:
             self._done(now, eff, load, False, "not a playable song: not a known audio format")
             return
         sp.holders.setdefault(song, set()).add(sp.id)
-        name = load.req.params.get("name")
-        name = name[:200] if isinstance(name, str) else None
-        load.title = sp.lib.meta(song).get("title") or name or song[:12]
-        self.m.offer(eff, song)
+        name = song_name(load.req.params.get("name"))
+        if name is not None:
+            eff.names.append((song, name))
+        load.title = title_of(sp.lib.meta(song)) or name or song[:12]
+        self.m.offer(eff, song, name)
         if load.req.params.get("bg"):
             msg = f"{load.title} is on the master; replicating in the background"
             self._done(now, eff, load, True, msg)

@@ -55,6 +55,20 @@ def check_hash(value: object, what: str = "song hash") -> str:
     return value
 
 
+SONG_NAME_MAX = 200
+
+
+def song_name(value: object) -> str | None:
+    """A song's file or URL name as a title: its last path part, without the extension,
+    printable, at most SONG_NAME_MAX characters; None if nothing usable is left."""
+    if not isinstance(value, str):
+        return None
+    last = value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    stem = last.rsplit(".", 1)[0] if "." in last.strip(".") else last
+    text = "".join(c for c in stem if c.isprintable()).strip()[:SONG_NAME_MAX]
+    return text or None
+
+
 class Topics:
     """Every topic NSync uses, built from the cluster name."""
 

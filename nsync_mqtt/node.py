@@ -316,6 +316,8 @@ class Node:
             self._transfer_wake.set()
         for song in eff.remove:
             self.store.remove(song)
+        for song, name in eff.names:
+            self.store.set_name(song, name)
         if eff.evict_keep is not None:
             self._evict(eff.evict_keep)
         if eff.node_state:
@@ -488,6 +490,9 @@ class Node:
                 meta, error = {}, f"decoder failed: {err}"
             if error is None:
                 meta["size"] = size
+                name = self.store.meta(song).get("name")  # learnt from a load, kept
+                if name:
+                    meta["name"] = name
                 self.store.set_meta(song, meta)
             self._do(self.core.decoded(self.clock.now(), song, error, size, d.upload_reply))
 

@@ -527,6 +527,13 @@ class SongStore:
         os.replace(tmp, path)
         self._meta[song] = dict(meta)
 
+    def set_name(self, song: str, name: str) -> None:
+        """Remember the file (or URL) name a song was loaded under: its title when it has no
+        tag of its own. Kept across the decode that fills in the rest."""
+        meta = self.meta(song)
+        if meta.get("name") != name:
+            self.set_meta(song, {**meta, "name": name})
+
     def meta(self, song: str) -> dict[str, Any]:
         """The song's metadata (title, artist, duration...); {} if none was set. A copy."""
         cached = self._meta.get(song)

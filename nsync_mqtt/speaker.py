@@ -374,6 +374,8 @@ class Speaker:
 
     def _offer(self, now: float, eff: Effects, msg: Message, offer: wire.Offer, rx: float) -> None:
         manifest = offer.manifest
+        if offer.name is not None:
+            eff.names.append((manifest.song, offer.name))
         if self.lib.has(manifest.song):
             eff.node_state = True
             return

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nsync_mqtt.errors import ProtocolError
-from nsync_mqtt.messages import HASH_RE, Message, check_hash, check_id, is_int
+from nsync_mqtt.messages import HASH_RE, Message, check_hash, check_id, is_int, song_name
 from nsync_mqtt.playlist import Operation, PlayerState
 from nsync_mqtt.replication import Manifest, parse_held
 
@@ -211,10 +211,11 @@ class Want:
 @dataclass(frozen=True)
 class Offer:
     manifest: Manifest
+    name: str | None = None  # the file or URL name it was loaded under, if known
 
     @classmethod
     def parse(cls, b: Mapping[str, Any]) -> Offer:
-        return cls(Manifest.from_dict(b.get("manifest")))
+        return cls(Manifest.from_dict(b.get("manifest")), song_name(b.get("name")))
 
 
 @dataclass(frozen=True)

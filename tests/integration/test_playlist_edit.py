@@ -8,8 +8,10 @@ import json
 import shutil
 import subprocess
 import sys
+import wave
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -168,3 +170,24 @@ def test_mosquitto_pub_edits(
     settle(cluster, watcher, [a])
     pub("clear")
     settle(cluster, watcher, [])
+
+
+def test_an_untagged_song_is_titled_by_its_file_name(
+    client: NSyncClient, watcher: Watcher, tmp_path: Path, fresh: None
+) -> None:
+    """Never its hash: the name it was loaded under, in the library and the state, and
+    ``enqueue`` finds it by that name."""
+    path = tmp_path / "Morning Birds.wav"
+    with wave.open(str(path), "wb") as w:  # no INFO tags at all
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(44100)
+        w.writeframes(bytes(4 * 44100))
+    song = ok(client.load_song(path))["params"]["song"]
+
+    def listed() -> dict[str, Any] | None:
+        return next((e for e in watcher.json("library") or [] if e["hash"] == song), None)
+
+    wait_for(lambda: (listed() or {}).get("title") == "Morning Birds", 5, "the title")
+    ok(client.enqueue_song("Morning Birds"))
+    wait_for(lambda: watcher.json("state")["title"] == "Morning Birds", 5, "the state's title")

@@ -21,6 +21,7 @@ from nsync_mqtt.messages import (
     decode_chunk,
     encode,
     encode_chunk,
+    song_name,
 )
 
 SONG = hashlib.sha224(b"song").hexdigest()
@@ -266,3 +267,22 @@ def test_check_hash_refuses_a_trailing_newline() -> None:
 def test_envelope_src_with_a_trailing_newline_is_refused() -> None:
     with pytest.raises(ProtocolError):
         decode(envelope(src="a\n"))
+
+
+@pytest.mark.parametrize(
+    ("given", "title"),
+    [
+        ("Morning Birds.mp3", "Morning Birds"),
+        ("/music/a/Track 01.flac", "Track 01"),
+        ("C:\\Music\\Song.wav", "Song"),
+        ("tts_0a1b2c", "tts_0a1b2c"),
+        ("bad\x00name\n.ogg", "badname"),
+        ("x" * 500 + ".mp3", "x" * 200),
+        ("", None),
+        ("   ", None),
+        (42, None),
+        (None, None),
+    ],
+)
+def test_song_name_gives_a_printable_title_or_none(given: object, title: str | None) -> None:
+    assert song_name(given) == title
