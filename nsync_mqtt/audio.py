@@ -130,6 +130,7 @@ def _probe_wav(p: Path) -> dict[str, Any] | None:
     return {
         "title": info.get("INAM") or _stem_title(p),
         "artist": info.get("IART") or None,
+        "album": info.get("IPRD") or None,
         "duration_s": duration,
     }
 
@@ -138,7 +139,7 @@ def probe(path: Path | str) -> dict[str, Any]:
     """Title, artist and duration of a song file; never raises.
 
     WAV headers and INFO tags are read in Python; other formats ask ffprobe. Without tags the
-    title is the file name's stem and the artist None.
+    title is the file name's stem (None for a file stored under its hash) and the artist None.
     """
     p = Path(path)
     with contextlib.suppress(OSError, struct.error, ValueError):
@@ -147,6 +148,7 @@ def probe(path: Path | str) -> dict[str, Any]:
             return wav
     title: str | None = None
     artist: str | None = None
+    album: str | None = None
     duration: float | None = None
     try:
         from pydub.utils import mediainfo
@@ -155,6 +157,7 @@ def probe(path: Path | str) -> dict[str, Any]:
         tags = {str(k).lower(): v for k, v in (info.get("TAG") or {}).items()}
         title = tags.get("title") or None
         artist = tags.get("artist") or None
+        album = tags.get("album") or None
         if info.get("duration") not in (None, "", "N/A"):
             duration = float(info["duration"])
     except Exception as err:  # ffprobe missing or unreadable file: fall back below
@@ -162,7 +165,12 @@ def probe(path: Path | str) -> dict[str, Any]:
     if duration is None:
         with contextlib.suppress(Exception), wave.open(str(p), "rb") as w:
             duration = w.getnframes() / w.getframerate()
-    return {"title": title or _stem_title(p), "artist": artist, "duration_s": duration}
+    return {
+        "title": title or _stem_title(p),
+        "artist": artist,
+        "album": album,
+        "duration_s": duration,
+    }
 
 
 def _stem_title(p: Path) -> str | None:

@@ -30,6 +30,7 @@ CLIENT_COMMANDS = (
     "remove",
     "move",
     "replace",
+    "announce",
 )
 
 
@@ -113,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     mv.add_argument("dst", type=int, metavar="TO")
     rp = sub.add_parser("replace", help="play a song (file, hash or title) as the only one")
     rp.add_argument("song")
+    an = sub.add_parser(
+        "announce", help="interrupt with a song (file, hash or title), then resume where it was"
+    )
+    an.add_argument("song")
     vol = sub.add_parser("volume", help="set the volume: 0-100, +N or -N")
     vol.add_argument("level")
     sk = sub.add_parser("seek", help="jump to a position in the current song")
@@ -255,6 +260,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
             )
         elif cmd == "replace":
             reply = client.replace(args.song, progress=_print_progress)
+        elif cmd == "announce":
+            reply = client.announce(args.song, progress=_print_progress)
         elif cmd == "remove":
             reply = client.remove(args.index)
         elif cmd == "move":

@@ -191,6 +191,11 @@ class NSyncClient:
         """Make ``song`` (hash, exact title or file) the whole playlist and play it."""
         return self._with_song("replace", song, progress, {})
 
+    def announce(self, song: str | os.PathLike[str], progress: Progress | None = None) -> Reply:
+        """Interrupt playback with ``song`` (hash, exact title or file) on every speaker at
+        once, then go back to where playback was (playing on from the same frame)."""
+        return self._with_song("announce", song, progress, {})
+
     def clear(self) -> Reply:
         """Empty the playlist; playback stops."""
         return self.request("clear")

@@ -164,6 +164,7 @@ VERBS = frozenset(
         "remove",
         "move",
         "replace",
+        "announce",
     }
 )
 UNKNOWN_FRAMES = 1 << 62  # a held song whose length is not known yet
@@ -435,7 +436,7 @@ class Master:
 
     def _serve(self, now: float, eff: Effects, req: Request) -> None:
         verb, arg = req.verb, req.arg
-        if verb in ("enqueue", "replace"):
+        if verb in ("enqueue", "replace", "announce"):
             arg = self._resolve_song(verb, arg)
         if verb == "enqueue":
             play, nxt = req.params.get("play", False), req.params.get("next", False)
@@ -530,6 +531,7 @@ class Master:
             "song": pb.song,
             "title": title_of(meta),
             "artist": meta.get("artist"),
+            "album": meta.get("album"),
             "duration": meta.get("duration_s"),
             "position": round(pb.frame_at(now) / RATE, 3),
             "position_at": round(sp.wall(), 3),
@@ -592,6 +594,7 @@ class Master:
                     "hash": song,
                     "title": title_of(meta),
                     "artist": meta.get("artist"),
+                    "album": meta.get("album"),
                     "duration": meta.get("duration_s"),
                     "size": lib.size_of(song),
                 }

@@ -154,6 +154,9 @@ class PlayerState:
     volume: int = 50
     index: int = 0  # operations applied so far: the index of the last one
     term: int = 0  # the term in which the last applied operation was created
+    # during an announcement: where playback returns when it ends (slot, song, frame and
+    # whether it was playing, paused or idle; ``at`` None), the announcement being at ``slot``
+    resume: Playback | None = None
     # (playlist, its hash), kept so that no read hashes the whole playlist again: valid only for
     # that very playlist object. `replace()` passes it on; a new playlist object drops it, so a
     # state built with another playlist never carries a wrong hash (see `with_songs`).
@@ -200,13 +203,16 @@ class PlayerState:
         return replace(self, playback=replace(pb, state=state, at=None))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "playlist": list(self.playlist),
             "playback": self.playback.to_dict(),
             "volume": self.volume,
             "index": self.index,
             "term": self.term,
         }
+        if self.resume is not None:
+            doc["resume"] = self.resume.to_dict()
+        return doc
 
     @classmethod
     def from_dict(cls, d: object, default_term: int | None = None) -> PlayerState:
@@ -226,7 +232,8 @@ class PlayerState:
         term = d.get("term", default_term)
         if not _is_int(term) or term < 0:
             raise ProtocolError("state.term must be a non-negative integer")
-        return cls(songs, Playback.from_dict(d.get("playback")), volume, index, term)
+        resume = Playback.from_dict(d["resume"]) if d.get("resume") is not None else None
+        return cls(songs, Playback.from_dict(d.get("playback")), volume, index, term, resume)
 
 
 # --- the master side: commands -> (new state, operation) -------------------------------------
@@ -260,6 +267,8 @@ def _op(state: PlayerState, new: PlayerState, kind: str, **extra: Any) -> dict[s
     op.update(extra)
     if kind == "playback":
         op["playback"] = new.playback.to_dict()
+    if new.resume is not None:  # every operation states whether an announcement is on
+        op["resume"] = new.resume.to_dict()
     return op
 
 
@@ -315,6 +324,13 @@ def apply_command(
 ) -> tuple[PlayerState, dict[str, Any]]:
     """Apply one client command; raise CommandError (state unchanged) if it cannot apply."""
     pb = state.playback
+    if state.resume is not None and verb not in ("volume", "play", "pause", "announce"):
+        if verb in ("forward", "next"):  # skipping an announcement ends it
+            return end_announcement(state, ctx)
+        # anything else makes the announcement an ordinary entry of the playlist
+        state = replace(state, resume=None)
+    if verb == "announce":
+        return _announce(state, arg, ctx)
     if verb in EDIT_VERBS:
         return _edit_command(state, verb, arg, ctx)
     if verb == "enqueue":
@@ -487,11 +503,53 @@ def _playback_after_edit(
     return replace(pb, slot=moved_slot(pb.slot, edit, at, to))
 
 
+def _announce(state: PlayerState, arg: Any, ctx: Context) -> tuple[PlayerState, dict[str, Any]]:
+    """Interrupt what plays (or not) with ``song``: it goes in at the current slot and plays
+    from the lead instant on every speaker; the state remembers where playback was, and when
+    the announcement ends (or is skipped) :func:`end_announcement` takes it out and returns
+    there (:func:`end_announcement`)."""
+    song = _loaded(arg, ctx)
+    if state.resume is not None:
+        raise CommandError("an announcement is playing already: try again when it ends")
+    _room_for_one(state)
+    pb = state.playback
+    slot = min(pb.slot, len(state.playlist))
+    at = ctx.now + ctx.lead_s
+    frame = pb.frame_at(at, ctx.rate) if pb.state == PLAYING else pb.frame
+    resume = Playback(pb.state, slot, pb.song, frame, None)
+    edited = replace(state, playlist=edit_songs(state.playlist, "insert", slot, 0, song))
+    new_pb = _start(edited, slot, 0, ctx)
+    new = _next(edited, ctx, playback=new_pb, resume=resume)
+    extra = {"edit": "insert", "at": slot, "song": song, "playback": new_pb.to_dict()}
+    return new, _op(state, new, "edit", **extra)
+
+
+def end_announcement(state: PlayerState, ctx: Context) -> tuple[PlayerState, dict[str, Any]]:
+    """The announcement ended or was skipped: remove it and go back to where playback was,
+    playing on from the frame it was interrupted at if it was playing."""
+    pb, resume = state.playback, state.resume
+    assert resume is not None
+    slot = pb.slot
+    edited = replace(state, playlist=edit_songs(state.playlist, "remove", slot), resume=None)
+    lead_at = ctx.now + ctx.lead_s
+    if resume.song is None:
+        new_pb = Playback(IDLE, len(edited.playlist), None, 0, lead_at)
+    elif resume.state == PLAYING:
+        new_pb = Playback(PLAYING, slot, resume.song, resume.frame, lead_at)
+    else:  # paused or idle: the announcement stops at the lead instant
+        new_pb = Playback(resume.state, slot, resume.song, resume.frame, lead_at)
+    new = _next(edited, ctx, playback=new_pb)
+    return new, _op(state, new, "edit", edit="remove", at=slot, playback=new_pb.to_dict())
+
+
 def next_song(state: PlayerState, finished_slot: int, ctx: Context) -> tuple[PlayerState, dict]:
-    """The slotted song finished on a quorum: move on (idle after the last song)."""
+    """The slotted song finished on a quorum: move on (idle after the last song), or back to
+    where an announcement interrupted."""
     pb = state.playback
     if pb.state != PLAYING or pb.slot != finished_slot:
         raise CommandError("stale finish report")
+    if state.resume is not None:
+        return end_announcement(state, ctx)
     new = _with_playback(state, _cued(state, pb.slot + 1, True, ctx), ctx)
     return new, _op(state, new, "playback")
 
@@ -554,6 +612,7 @@ class Operation:
     edit: str | None = None  # edit: one of EDITS
     at: int = 0  # edit remove, move, insert: the position
     to: int = 0  # edit move: where to
+    resume: Playback | None = None  # any: the state's resume after it (an announcement is on)
 
     @classmethod
     def from_dict(cls, op: object) -> Operation:
@@ -591,7 +650,10 @@ class Operation:
             volume = op.get("volume")
             if not _is_int(volume) or not 0 <= volume <= 100:
                 raise ProtocolError("op.volume must be an integer 0-100")
-        return cls(kind, term, index, prev_term, pre, post, song, playback, volume, edit, at, to)
+        resume = Playback.from_dict(op["resume"]) if op.get("resume") is not None else None
+        return cls(
+            kind, term, index, prev_term, pre, post, song, playback, volume, edit, at, to, resume
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The operation as it travels: ``Operation.from_dict(op.to_dict()) == op``."""
@@ -615,6 +677,8 @@ class Operation:
                 doc["at"] = self.at
             if self.edit == "move":
                 doc["to"] = self.to
+        if self.resume is not None:
+            doc["resume"] = self.resume.to_dict()
         return doc
 
 
@@ -643,6 +707,8 @@ def apply_op(state: PlayerState, op: Mapping[str, Any] | Operation) -> PlayerSta
         )
     if state.hash != o.pre:
         raise Mismatch("playlist hash differs from the master's before this operation")
+    if state.resume != o.resume:
+        state = replace(state, resume=o.resume)  # an announcement starts, goes on or ends
     if o.edit is not None:
         try:
             playlist = edit_songs(state.playlist, o.edit, o.at, o.to, o.song)

@@ -191,3 +191,30 @@ def test_an_untagged_song_is_titled_by_its_file_name(
     wait_for(lambda: (listed() or {}).get("title") == "Morning Birds", 5, "the title")
     ok(client.enqueue_song("Morning Birds"))
     wait_for(lambda: watcher.json("state")["title"] == "Morning Birds", 5, "the state's title")
+
+
+def test_announce_interrupts_then_resumes_on_every_node(
+    cluster: NodeCluster,
+    client: NSyncClient,
+    watcher: Watcher,
+    songs: list[str],
+    tmp_path: Path,
+    fresh: None,
+) -> None:
+    a, b, _, _ = songs
+    for s in (a, b):
+        ok(client.enqueue_song(s))
+    ok(client.play())
+    wait_for(lambda: watcher.json("state")["playback"] == "playing", 5, "playing")
+    chime = tone_file(tmp_path, "Doorbell", 1.0, 1200.0)
+    ok(client.announce(chime))
+    doc = wait_for(lambda: (d := watcher.json("state"))["title"] == "Doorbell" and d, 5, "on")
+    chime_song = doc["song"]
+    assert doc["playback"] == "playing"
+    wait_for(lambda: playlist(watcher) == [chime_song, a, b], 5, "the announcement in place")
+    # it ends by itself: the announcement leaves, and the first song plays on from where it was
+    settle(cluster, watcher, [a, b])
+    doc = watcher.json("state")
+    assert doc["song"] == a and doc["playback"] == "playing"
+    assert 0.0 < doc["position"] < 4.0  # not from the start of the announcement's length
+    refused(client.request("announce", {"song": "No Such Title"}), "announce", "no loaded song")

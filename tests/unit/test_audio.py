@@ -160,7 +160,7 @@ def test_probe_reads_tags_and_duration(tmp_path: Path) -> None:
 def test_probe_never_raises(tmp_path: Path) -> None:
     bad = tmp_path / "Some Song.mp3"
     bad.write_bytes(b"garbage")
-    assert probe(bad) == {"title": "Some Song", "artist": None, "duration_s": None}
+    assert probe(bad) == {"title": "Some Song", "artist": None, "album": None, "duration_s": None}
     assert probe(tmp_path / "nope.ogg")["title"] == "nope"
 
 
@@ -531,11 +531,16 @@ def test_wav_probe_reads_tags_and_duration_without_ffprobe(
     monkeypatch.setattr(pydub.utils, "mediainfo", no_ffprobe)
     p = tmp_path / "song.wav"
     p.write_bytes(make_tone_wav(1.25, 440.0, "Título", "Ärtist"))
-    assert audio.probe(p) == {"title": "Título", "artist": "Ärtist", "duration_s": 1.25}
+    assert audio.probe(p) == {
+        "title": "Título",
+        "artist": "Ärtist",
+        "album": None,
+        "duration_s": 1.25,
+    }
     bare = tmp_path / "bare.wav"
     with wave.open(str(bare), "wb") as w:  # no INFO chunk: the stem is the title
         w.setnchannels(1)
         w.setsampwidth(3)
         w.setframerate(8000)
         w.writeframes(b"\x00\x00\x00" * 4000)
-    assert audio.probe(bare) == {"title": "bare", "artist": None, "duration_s": 0.5}
+    assert audio.probe(bare) == {"title": "bare", "artist": None, "album": None, "duration_s": 0.5}

@@ -27,6 +27,7 @@ from nsync_mqtt.playlist import (
     apply_op,
     edit_songs,
     moved_slot,
+    next_song,
     playlist_hash,
 )
 
@@ -276,3 +277,62 @@ def test_moved_slot_matches_moving_in_a_list() -> None:
                         assert moved[moved_slot(slot, "move", at, to)] == str(slot)
                     else:
                         assert moved_slot(slot, "move", at, to) == n
+
+
+# --- announcements -------------------------------------------------------------------------
+
+
+def finish(state: PlayerState, now: float) -> PlayerState:
+    """The slotted song ended on a quorum (the master's ``next_song``), replayed as above."""
+    new, op = next_song(state, state.playback.slot, ctx(now))
+    assert apply_op(state, json.loads(json.dumps(op))) == new
+    return new
+
+
+def test_an_announcement_interrupts_and_playback_resumes_at_the_same_frame() -> None:
+    state = playing(queue(A, B), 1, now=0.0)  # B from frame 0 at 0.25
+    on = step(state, "announce", C, now=2.25)  # 2.25 s into B at the lead instant 2.5
+    assert on.playlist == (A, C, B)
+    assert (on.playback.state, on.playback.slot, on.playback.song) == (PLAYING, 1, C)
+    assert on.playback.at == 2.25 + LEAD and on.playback.frame == 0
+    assert on.resume is not None and on.resume.frame == 2.25 * RATE
+    assert PlayerState.from_dict(on.to_dict()) == on  # survives a save and a sync
+    back = finish(on, now=7.0)
+    assert back.playlist == (A, B) and back.resume is None
+    pb = back.playback
+    assert (pb.state, pb.slot, pb.song, pb.frame, pb.at) == (PLAYING, 1, B, 2.25 * RATE, 7.0 + LEAD)
+
+
+def test_an_announcement_while_paused_returns_to_paused() -> None:
+    state = step(playing(queue(A), 0, now=0.0), "pause", now=3.75)  # stops 3.75 s in
+    on = step(state, "announce", C, now=5.0)
+    assert on.playback.state == PLAYING and on.playback.song == C
+    back = finish(on, now=9.0)
+    pb = back.playback
+    assert back.playlist == (A,)
+    assert (pb.state, pb.slot, pb.song, pb.frame) == (PAUSED, 0, A, 3.75 * RATE)
+
+
+def test_an_announcement_on_an_idle_cluster_leaves_it_idle() -> None:
+    on = step(PlayerState(), "announce", C, now=1.0)
+    assert on.playlist == (C,) and on.playback.state == PLAYING
+    back = finish(on, now=4.0)
+    assert back.playlist == () and back.playback.state == IDLE and back.playback.song is None
+    assert back.playback.at == 4.0 + LEAD  # the announcement stops at the lead instant
+
+
+def test_skipping_an_announcement_ends_it_and_other_commands_keep_it_as_an_entry() -> None:
+    on = step(playing(queue(A, B), 0), "announce", C, now=1.0)
+    back = step(on, "forward", now=2.0)
+    assert back.playlist == (A, B) and back.playback.song == A and back.resume is None
+    on = step(playing(queue(A, B), 0), "announce", C, now=1.0)
+    louder = step(on, "volume", 80, now=1.5)
+    assert louder.resume == on.resume  # volume, pause and play keep the announcement on
+    kept = step(louder, "enqueue", D, now=2.0)
+    assert kept.resume is None and kept.playlist == (C, A, B, D)
+
+
+def test_one_announcement_at_a_time() -> None:
+    on = step(playing(queue(A), 0), "announce", C)
+    with pytest.raises(CommandError, match="an announcement is playing already"):
+        apply_command(on, "announce", D, ctx())
