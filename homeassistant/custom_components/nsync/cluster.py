@@ -152,7 +152,9 @@ class NSyncCluster:
         songs = self._json(msg, list)
         if songs is not None:
             self.library = {
-                e["hash"]: e for e in songs if isinstance(e, dict) and isinstance(e.get("hash"), str)
+                e["hash"]: e
+                for e in songs
+                if isinstance(e, dict) and isinstance(e.get("hash"), str)
             }
             self._changed()
 
@@ -200,7 +202,7 @@ class NSyncCluster:
         return self.status == "online"
 
     async def command(
-        self, verb: str, params: dict[str, Any] | None = None, timeout: float = REPLY_TIMEOUT_S
+        self, verb: str, params: dict[str, Any] | None = None, wait_s: float = REPLY_TIMEOUT_S
     ) -> dict[str, Any]:
         """Send ``cmd/<verb>`` and wait for the reply object; ClusterError on a failed or
         missing reply."""
@@ -210,11 +212,11 @@ class NSyncCluster:
         body = {**(params or {}), "reply_to": self.reply_to, "client_req_id": req_id}
         try:
             await mqtt.async_publish(self.hass, f"{self.base}/cmd/{verb}", json.dumps(body), qos=1)
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(wait_s):
                 reply = await fut
         except TimeoutError:
             raise ClusterError(
-                f"NSync cluster {self.cluster!r} did not answer {verb} within {timeout:g} s"
+                f"NSync cluster {self.cluster!r} did not answer {verb} within {wait_s:g} s"
             ) from None
         finally:
             self._replies.pop(req_id, None)
@@ -234,26 +236,24 @@ class NSyncCluster:
             params["name"] = name
         asked: asyncio.Future[list[int]] = self.hass.loop.create_future()
         self._xfer[song] = asked
-        timeout = LOAD_TIMEOUT_MIN_S + len(data) / 1e6
+        wait_s = LOAD_TIMEOUT_MIN_S + len(data) / 1e6
+        chunk_topic = f"{self.base}/internal/chunk/all"
+        reply_task = asyncio.ensure_future(self.command("load", params, wait_s=wait_s))
         try:
-            reply_task = asyncio.ensure_future(self.command("load", params, timeout=timeout))
-            done, _ = await asyncio.wait(
-                {reply_task, asked}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-            if asked in done:
-                for index in asked.result():
-                    start = index * LOAD_CHUNK_SIZE
-                    if 0 <= start < len(data):
-                        header = {**manifest, "index": index}
-                        frame = chunk_frame(header, data[start : start + LOAD_CHUNK_SIZE])
-                        await mqtt.async_publish(
-                            self.hass, f"{self.base}/internal/chunk/all", frame, qos=1, encoding=None
-                        )
+            # the master asks for the chunks it lacks (none if it holds the song already)
+            done, _ = await asyncio.wait({reply_task, asked}, return_when=asyncio.FIRST_COMPLETED)
+            for index in asked.result() if asked in done else []:
+                start = index * LOAD_CHUNK_SIZE
+                if 0 <= start < len(data):
+                    header = {**manifest, "index": index}
+                    frame = chunk_frame(header, data[start : start + LOAD_CHUNK_SIZE])
+                    await mqtt.async_publish(self.hass, chunk_topic, frame, qos=1, encoding=None)
             await reply_task
         finally:
             self._xfer.pop(song, None)
-            if not asked.done():
-                asked.cancel()
+            for fut in (asked, reply_task):
+                if not fut.done():
+                    fut.cancel()
         return song
 
     # ------------------------------------------------------------------ what is playing
@@ -262,12 +262,12 @@ class NSyncCluster:
         return self.library.get(song, {}) if song else {}
 
 
-async def async_probe(hass: HomeAssistant, cluster: str, client_id: str, timeout: float) -> str:
+async def async_probe(hass: HomeAssistant, cluster: str, client_id: str, wait_s: float) -> str:
     """Ask the cluster for its status; returns the reply's message (ClusterError if none)."""
     probe = NSyncCluster(hass, cluster, client_id)
     await probe.async_start()
     try:
-        reply = await probe.command("status", timeout=timeout)
+        reply = await probe.command("status", wait_s=wait_s)
     finally:
         await probe.async_stop()
     return str(reply.get("msg", ""))

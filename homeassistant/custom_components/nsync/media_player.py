@@ -7,7 +7,6 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import aiohttp
-
 from homeassistant.components import media_source
 from homeassistant.components.media_player import (
     ATTR_MEDIA_ANNOUNCE,
@@ -235,9 +234,7 @@ class NSyncMediaPlayer(MediaPlayerEntity):
                 async for chunk in resp.content.iter_chunked(1 << 16):
                     data += chunk
                     if len(data) > MAX_MEDIA_BYTES:
-                        raise HomeAssistantError(
-                            f"{url} is larger than {MAX_MEDIA_BYTES >> 20} MB"
-                        )
+                        raise HomeAssistantError(f"{url} is larger than {MAX_MEDIA_BYTES >> 20} MB")
         except (aiohttp.ClientError, TimeoutError) as err:
             raise HomeAssistantError(f"cannot fetch {url}: {err or 'timed out'}") from err
         return bytes(data)

@@ -1,0 +1,1 @@
+"""Home Assistant custom integrations of NSync (copy `nsync/` into your config folder)."""
