@@ -42,6 +42,8 @@ class NodeConfig:
     store_cap_mb: int = 2048
     max_song_mb: int = 200
     seed: int | None = None
+    ha_discovery: bool = True  # the master announces the cluster to Home Assistant's discovery
+    ha_discovery_prefix: str = "homeassistant"
     timing: Timing = field(default_factory=Timing)
 
     @property
@@ -93,6 +95,23 @@ def _as_int(key: str, v: Any, minimum: int = 1) -> int:
     if n < minimum:
         raise ConfigError(f"{key}: must be at least {minimum}, got {n}")
     return n
+
+
+def _as_bool(key: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    text = v.strip().lower() if isinstance(v, str) else None
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ConfigError(f"{key}: must be true or false, got {v!r}")
+
+
+def _as_topic_prefix(key: str, v: Any) -> str:
+    if not isinstance(v, str) or not v or any(c in v for c in "#+\0") or v.strip("/") != v:
+        raise ConfigError(f"{key}: must be an MQTT topic without wildcards, got {v!r}")
+    return v
 
 
 def _as_list(key: str, v: Any) -> list[str]:
@@ -188,6 +207,10 @@ def load_node_config(config_file: str | None, overrides: dict[str, Any]) -> Node
         store_cap_mb=_as_int("store_cap_mb", raw.get("store_cap_mb", 2048)),
         max_song_mb=_as_int("max_song_mb", raw.get("max_song_mb", 200)),
         seed=None if seed is None else _as_int("seed", seed, minimum=0),
+        ha_discovery=_as_bool("ha_discovery", raw.get("ha_discovery", True)),
+        ha_discovery_prefix=_as_topic_prefix(
+            "ha_discovery_prefix", raw.get("ha_discovery_prefix", "homeassistant")
+        ),
         timing=build_timing(raw.get("timing")),
     )
 

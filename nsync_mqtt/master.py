@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from nsync_mqtt.discovery import device_config_payload, discovery_topic
 from nsync_mqtt.effects import Effects, Publish
 from nsync_mqtt.errors import CommandError, ProtocolError
 from nsync_mqtt.messages import Message, check_id, reply_object, song_name
@@ -300,6 +301,16 @@ class Master:
         eff.out.append(Publish(self.sp.topics.status, b"online", retain=True))
         self.flush_state(now, eff)
         self.publish_library(eff)
+        self.announce(eff)
+
+    def announce(self, eff: Effects) -> None:
+        """Home Assistant's MQTT discovery of the cluster (retained), if switched on: after
+        an election, a reconnect, and when Home Assistant says it is ``online`` again."""
+        prefix = self.sp.discovery_prefix
+        if prefix is not None:
+            topic = discovery_topic(prefix, self.sp.topics.cluster)
+            payload = device_config_payload(self.sp.topics, self.sp.peers)
+            eff.out.append(Publish(topic, payload, retain=True))
 
     def step_down(self, eff: Effects, new_master: str | None) -> None:
         """Another node leads now (or none yet): the requests still waiting are told so."""

@@ -125,6 +125,7 @@ class Node:
             chunk_size=cfg.chunk_size_kib * 1024,
             max_song_bytes=cfg.max_song_mb * 1024 * 1024,
             brokers=len(cfg.broker),
+            discovery_prefix=cfg.ha_discovery_prefix if cfg.ha_discovery else None,
         )
         self.loop: asyncio.AbstractEventLoop | None = None
         self.faults = Faults(log)
@@ -182,6 +183,8 @@ class Node:
             (t.cmd_all, self._on_command),
             (f"{t.base}/node/+/state", self._on_node_state),
         ]
+        if self.cfg.ha_discovery:  # Home Assistant restarted: announce the cluster again
+            subs.append((f"{self.cfg.ha_discovery_prefix}/status", self._on_ha_status))
         for topic, handler in subs:
             self.bus.subscribe(topic, handler)
         for song in self.store.songs():
@@ -410,6 +413,13 @@ class Node:
         verb = self.topics.verb_of(topic) or ""
         log.debug("command %s: %r", verb, payload[:200])
         self._do(master.command(self.clock.now(), verb, payload))
+
+    def _on_ha_status(self, topic: str, payload: bytes, retain: bool) -> None:
+        master = self.core.master
+        if payload == b"online" and not retain and master is not None:
+            eff = Effects()
+            master.announce(eff)
+            self._do(eff)
 
     def _on_node_state(self, topic: str, payload: bytes, retain: bool) -> None:
         node = topic.split("/")[-2]

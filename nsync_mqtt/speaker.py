@@ -109,6 +109,7 @@ class Speaker:
         max_song_bytes: int,
         brokers: int = 1,
         wall: Callable[[], float] = time.time,
+        discovery_prefix: str | None = None,
     ) -> None:
         self.id = node_id
         self.peers = list(peers)
@@ -119,6 +120,7 @@ class Speaker:
         self.chunk_size = chunk_size
         self.max_song_bytes = max_song_bytes
         self.wall = wall  # Unix time, for the timestamps users read (never for decisions)
+        self.discovery_prefix = discovery_prefix  # Home Assistant MQTT discovery, if on
         self.election = Election(
             node_id,
             peers,
