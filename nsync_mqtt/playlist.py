@@ -573,7 +573,13 @@ def parse_volume(arg: Any, current: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise CommandError(f"volume must be 0-100 or +N/-N, got {arg!r}") from None
+        try:  # a dashboard slider may send 35.0
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if not number.is_integer():
+            raise CommandError(f"volume must be 0-100 or +N/-N, got {arg!r}") from None
+        value = int(number)
     if relative:
         return max(0, min(100, current + value))
     if not 0 <= value <= 100:

@@ -297,3 +297,21 @@ def test_timing_value_must_not_be_nan(tmp_path: Path) -> None:
 
 def test_id_with_a_trailing_newline_is_refused() -> None:
     assert config_error(None, {"id": "a\n"}).startswith("id:")
+
+
+def test_ha_discovery_keys(tmp_path: Path) -> None:
+    cfg = tmp_path / "n.yaml"
+    cfg.write_text("id: a\nha_discovery: 'off'\nha_discovery_prefix: ha/discovery\n")
+    c = load_node_config(str(cfg), {})
+    assert c.ha_discovery is False and c.ha_discovery_prefix == "ha/discovery"
+    assert load_node_config(None, {"id": "a"}).ha_discovery is True
+    for bad in ("ha_discovery: maybe", "ha_discovery_prefix: 'ha/#'", "ha_discovery_prefix: /x/"):
+        cfg.write_text(f"id: a\n{bad}\n")
+        with pytest.raises(ConfigError, match="ha_discovery"):
+            load_node_config(str(cfg), {})
+
+
+def test_the_example_config_loads_with_the_defaults() -> None:
+    example = Path(__file__).parents[2] / "config" / "nsync-node.yaml.example"
+    c = load_node_config(str(example), {})
+    assert c.timing == Timing() and c.ha_discovery is True

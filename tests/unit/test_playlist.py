@@ -426,7 +426,17 @@ def test_seek_with_nothing_slotted_is_refused() -> None:
 
 @pytest.mark.parametrize(
     ("arg", "expected"),
-    [(70, 70), ("70", 70), (0, 0), (100, 100), (" 35 ", 35), ("+10", 60), ("-10", 40)],
+    [
+        (70, 70),
+        ("70", 70),
+        (0, 0),
+        (100, 100),
+        (" 35 ", 35),
+        ("+10", 60),
+        ("-10", 40),
+        ("35.0", 35),  # a dashboard slider's value
+        (35.0, 35),
+    ],
 )
 def test_volume_absolute_and_relative(arg: Any, expected: int) -> None:
     state = loaded(A)  # volume 50
@@ -449,7 +459,9 @@ def test_relative_volume_is_clamped(arg: str, expected: int) -> None:
     assert run(loaded(A), "volume", arg).volume == expected
 
 
-@pytest.mark.parametrize("arg", [900, 101, "900", "loud", "", None, True, 50.5])
+@pytest.mark.parametrize(
+    "arg", [900, 101, "900", "loud", "", None, True, 50.5, "35.5", "nan", "inf", "1e999"]
+)
 def test_bad_volume_is_refused(arg: Any) -> None:
     with pytest.raises(CommandError, match="volume"):
         apply_command(loaded(A), "volume", arg, ctx(1.0))
