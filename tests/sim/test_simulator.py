@@ -38,6 +38,27 @@ def test_the_ci_profile_breaks_no_invariant() -> None:
     assert totals["faults"] >= 9 * CI_SEEDS and totals["acked_enqueues"] >= 10 * CI_SEEDS
 
 
+EDIT_SEEDS = 100
+
+
+def test_the_edits_profile_breaks_no_invariant() -> None:
+    """The CI profile's faults under a workload that also clears, removes, moves, inserts
+    after the current song, replaces and announces."""
+    failures, totals = run_seeds(range(EDIT_SEEDS), "edits", jobs=min(2, os.cpu_count() or 1))
+    print(json.dumps(totals))
+    assert not failures, "\n".join(
+        f"seed {o.seed}: {o.error}\n  replay: {replay_command(o.seed, 'edits')}" for o in failures
+    )
+    assert totals["seeds"] == EDIT_SEEDS
+
+
+def test_the_edits_workload_really_edits() -> None:
+    sim = Simulation(3, nodes=3, edits=True)
+    sim.run()
+    done = {r["command"] for r in sim.client.replies if r["success"]}
+    assert {"clear", "remove", "move", "replace", "announce", "enqueue"} <= done, done
+
+
 def test_a_seed_replays_exactly() -> None:
     a, b = Simulation(7, nodes=5), Simulation(7, nodes=5)
     ra, rb = a.run(), b.run()

@@ -390,11 +390,15 @@ class Client:
         newer = self.acked_volume is None or rid > self.acked_volume[0]
         if reply["success"] and rid in self.volume_sent and newer:
             self.acked_volume = (rid, self.volume_sent[rid])
-        if reply["success"] and reply["command"] == "enqueue":
+        if reply["success"] and reply["command"] == "enqueue" and not self.sim.edits:
             self.acked_enqueues.append(reply["params"]["song"])
+
+    EDIT_VERBS = ("clear", "remove", "move", "enqueue_next", "replace", "announce")
 
     def command(self, verb: str | None = None) -> None:
         rng = self.sim.rng
+        if verb is None and self.sim.edits and rng.random() < 0.35:
+            verb = rng.choices(self.EDIT_VERBS, weights=[1, 4, 4, 3, 1, 2])[0]
         verb = (
             verb
             or rng.choices(
@@ -413,9 +417,15 @@ class Client:
             )[0]
         )
         body: dict[str, Any] = {"reply_to": "client", "client_req_id": self.sent}
-        if verb == "enqueue":
+        if verb == "enqueue_next":
+            verb, body["next"] = "enqueue", True
+        if verb in ("enqueue", "replace", "announce"):
             body["song"] = self.sim.songs[self.next_song % len(self.sim.songs)]
             self.next_song += 1
+        elif verb == "remove":
+            body["index"] = rng.randrange(0, 8)
+        elif verb == "move":
+            body["from"], body["to"] = rng.randrange(0, 8), rng.randrange(0, 8)
         elif verb == "volume":
             body["arg"] = rng.randrange(0, 101)
             self.volume_sent[self.sent] = body["arg"]
@@ -532,8 +542,12 @@ class Simulation:
         command_every_s: float = 0.4,
         timing: Timing | None = None,
         faults_plan: list[Fault] | None = None,
+        edits: bool = False,
     ) -> None:
         self.seed = seed
+        # the workload also edits the playlist and announces (the acknowledged-enqueue order
+        # check then does not apply: removes and clears take songs out on purpose)
+        self.edits = edits
         self.world = World(seed)
         self.rng = self.world.fork_rng("sim")
         self.timing = timing or Timing()

@@ -33,7 +33,9 @@ PROFILES: dict[str, tuple[int, float, int, float]] = {
     "ci": (0, 60.0, 10, 15.0),
     "five": (5, 60.0, 10, 15.0),
     "long-seed": (5, 600.0, 100, 30.0),
+    "edits": (0, 60.0, 10, 15.0),  # the ci profile's faults; the workload also edits
 }
+EDIT_PROFILES = frozenset({"edits"})
 
 
 def nodes_for(profile: str, seed: int) -> int:
@@ -53,7 +55,14 @@ class Outcome:
 def run_seed(seed: int, profile: str = "ci") -> Outcome:
     _, duration, faults, settle = PROFILES[profile]
     nodes = nodes_for(profile, seed)
-    sim = Simulation(seed, nodes=nodes, duration_s=duration, faults=faults, settle_s=settle)
+    sim = Simulation(
+        seed,
+        nodes=nodes,
+        duration_s=duration,
+        faults=faults,
+        settle_s=settle,
+        edits=profile in EDIT_PROFILES,
+    )
     try:
         res = sim.run()
     except Violation as err:
