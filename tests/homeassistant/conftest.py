@@ -89,6 +89,8 @@ class FakeCluster:
         self.commands: list[tuple[str, dict[str, Any]]] = []
         self.fail: dict[str, str] = {}  # verb -> the failure message to reply with
         self.silent = False  # no master: commands get no reply
+        self.unheard = 0  # this many next replies are lost (sent before the reply topic is
+        # subscribed at the broker, as happens to Home Assistant's brand-new subscriptions)
         self.loaded: dict[str, bytes] = {}  # song hash -> the bytes assembled from chunks
         self.names: dict[str, str] = {}  # song hash -> the name its load gave
         self.chunks_received = 0
@@ -127,6 +129,9 @@ class FakeCluster:
         body = json.loads(text) if text.startswith("{") else ({"arg": text} if text else {})
         self.commands.append((verb, body))
         if self.silent:
+            return
+        if self.unheard:
+            self.unheard -= 1
             return
         if verb in self.fail:
             self.reply(body, verb, False, self.fail[verb])

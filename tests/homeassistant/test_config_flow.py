@@ -104,3 +104,35 @@ async def test_a_retained_status_on_the_broker_starts_discovery(
     flows = hass.config_entries.flow.async_progress_by_handler(DOMAIN)
     assert [f["context"]["source"] for f in flows] == [config_entries.SOURCE_MQTT]
     assert flows[0]["context"]["unique_id"] == CLUSTER
+
+
+async def test_the_user_flow_adds_a_cluster_that_also_waits_under_discovered(
+    hass: HomeAssistant, cluster: FakeCluster
+) -> None:
+    found = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": config_entries.SOURCE_MQTT}, data=_discovered()
+    )
+    assert found["type"] is FlowResultType.FORM
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": config_entries.SOURCE_USER}
+    )
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], {"cluster": CLUSTER})
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    await hass.async_block_till_done()
+    assert hass.config_entries.flow.async_progress_by_handler(DOMAIN) == []  # discovery dropped
+
+
+async def test_the_check_asks_again_when_the_first_reply_is_missed(
+    hass: HomeAssistant, cluster: FakeCluster
+) -> None:
+    """A real broker may answer before it has Home Assistant's new subscription."""
+    cluster.unheard = 2
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": config_entries.SOURCE_USER}
+    )
+    with patch("custom_components.nsync.cluster.PROBE_RETRY_S", 0.02):
+        result = await hass.config_entries.flow.async_configure(
+            result["flow_id"], {"cluster": CLUSTER}
+        )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert cluster.verbs() == ["status", "status", "status"]

@@ -43,9 +43,10 @@ async def test_node_entities_appear_and_follow_the_node(
     cluster = devices.async_get_device(identifiers={("nsync", "home")})
     assert node is not None and cluster is not None and node.via_device_id == cluster.id
 
-    push(hass, "node/bedroom/state", {**NODE_STATE, "role": "master"})
+    push(hass, "node/bedroom/state", {**NODE_STATE, "role": "master", "clock": {}})
     await hass.async_block_till_done()
     assert hass.states.get("sensor.nsync_bedroom_role").state == "master"
+    assert float(hass.states.get("sensor.nsync_bedroom_clock_offset").state) == 0.0
 
     push(hass, "node/bedroom/status", "offline")  # its last will
     await hass.async_block_till_done()

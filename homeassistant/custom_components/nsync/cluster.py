@@ -27,7 +27,7 @@ from homeassistant.components.mqtt.models import ReceiveMessage
 from homeassistant.core import HomeAssistant, callback
 from homeassistant.exceptions import HomeAssistantError
 
-from .const import LOAD_CHUNK_SIZE, LOAD_TIMEOUT_MIN_S, REPLY_TIMEOUT_S
+from .const import LOAD_CHUNK_SIZE, LOAD_TIMEOUT_MIN_S, PROBE_RETRY_S, REPLY_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -263,11 +263,25 @@ class NSyncCluster:
 
 
 async def async_probe(hass: HomeAssistant, cluster: str, client_id: str, wait_s: float) -> str:
-    """Ask the cluster for its status; returns the reply's message (ClusterError if none)."""
+    """Ask the cluster for its status; returns the reply's message (ClusterError if none).
+
+    Home Assistant sends a new subscription to the broker a little later (it gathers them for
+    0.1-0.5 s), so the first request may be answered before the reply topic is subscribed:
+    ``status`` changes nothing, and it is asked again every half second until ``wait_s``."""
     probe = NSyncCluster(hass, cluster, client_id)
     await probe.async_start()
+    deadline = hass.loop.time() + wait_s
     try:
-        reply = await probe.command("status", wait_s=wait_s)
+        while True:
+            left = deadline - hass.loop.time()
+            try:
+                reply = await probe.command("status", wait_s=max(0.01, min(PROBE_RETRY_S, left)))
+            except ClusterError:
+                if hass.loop.time() >= deadline:
+                    raise ClusterError(
+                        f"NSync cluster {cluster!r} did not answer within {wait_s:g} s"
+                    ) from None
+                continue
+            return str(reply.get("msg", ""))
     finally:
         await probe.async_stop()
-    return str(reply.get("msg", ""))

@@ -27,7 +27,8 @@ class NSyncConfigFlow(ConfigFlow, domain=DOMAIN):
             if not CLUSTER_RE.fullmatch(cluster):
                 errors[CONF_CLUSTER] = "invalid_cluster"
             else:
-                await self.async_set_unique_id(cluster)
+                # typed in while the same cluster waits under "Discovered": this flow wins
+                await self.async_set_unique_id(cluster, raise_on_progress=False)
                 self._abort_if_unique_id_configured()
                 try:
                     await async_probe(

@@ -45,7 +45,10 @@ SENSORS = (
         native_unit_of_measurement=UnitOfTime.MILLISECONDS,
         state_class=SensorStateClass.MEASUREMENT,
         suggested_display_precision=3,
-        value=lambda st: _ms((st.get("clock") or {}).get("offset_s")),
+        # the master's clock is the cluster's reference: its offset is 0 by definition
+        value=lambda st: (
+            0.0 if st.get("role") == "master" else _ms((st.get("clock") or {}).get("offset_s"))
+        ),
     ),
     NodeSensorDescription(
         key="sync_error",
