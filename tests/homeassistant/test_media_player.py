@@ -40,6 +40,11 @@ async def call(hass: HomeAssistant, service: str, **data: Any) -> None:
     await hass.services.async_call(MP, service, {ATTR_ENTITY_ID: PLAYER, **data}, blocking=True)
 
 
+async def play_media(hass: HomeAssistant, url: str, **extra: Any) -> None:
+    data = {ATTR_MEDIA_CONTENT_TYPE: "music", ATTR_MEDIA_CONTENT_ID: url, **extra}
+    await call(hass, "play_media", **data)
+
+
 async def test_state_and_attributes_come_from_the_retained_state(
     hass: HomeAssistant, entry: MockConfigEntry
 ) -> None:
@@ -157,13 +162,8 @@ async def test_play_media_fetches_the_url_loads_it_in_chunks_and_enqueues(
     base, files = media_server
     files["/music/Morning%20Birds.mp3"] = SONG
     files["/music/Morning Birds.mp3"] = SONG
-    data: dict[str, Any] = {
-        ATTR_MEDIA_CONTENT_TYPE: "music",
-        ATTR_MEDIA_CONTENT_ID: f"{base}/music/Morning%20Birds.mp3",
-    }
-    if enqueue is not None:
-        data[ATTR_MEDIA_ENQUEUE] = enqueue
-    await call(hass, "play_media", **data)
+    extra = {} if enqueue is None else {ATTR_MEDIA_ENQUEUE: enqueue}
+    await play_media(hass, f"{base}/music/Morning%20Birds.mp3", **extra)
     song = hashlib.sha224(SONG).hexdigest()
     assert cluster.verbs() == ["load", verb]
     load = cluster.last("load")
@@ -183,15 +183,7 @@ async def test_play_media_with_announce_asks_the_cluster_to_announce(
 ) -> None:
     base, files = media_server
     files["/tts/doorbell.mp3"] = b"ID3 a short chime"
-    await call(
-        hass,
-        "play_media",
-        **{
-            ATTR_MEDIA_CONTENT_TYPE: "music",
-            ATTR_MEDIA_CONTENT_ID: f"{base}/tts/doorbell.mp3",
-            ATTR_MEDIA_ANNOUNCE: True,
-        },
-    )
+    await play_media(hass, f"{base}/tts/doorbell.mp3", **{ATTR_MEDIA_ANNOUNCE: True})
     song = hashlib.sha224(b"ID3 a short chime").hexdigest()
     assert cluster.verbs() == ["load", "announce"]
     assert cluster.last("announce")["song"] == song
@@ -205,11 +197,7 @@ async def test_play_media_says_why_a_fetch_failed(
 ) -> None:
     base, _ = media_server
     with pytest.raises(HomeAssistantError, match="HTTP 404"):
-        await call(
-            hass,
-            "play_media",
-            **{ATTR_MEDIA_CONTENT_TYPE: "music", ATTR_MEDIA_CONTENT_ID: f"{base}/missing.mp3"},
-        )
+        await play_media(hass, f"{base}/missing.mp3")
     assert cluster.commands == []  # nothing was sent to the cluster
 
 
@@ -223,9 +211,5 @@ async def test_a_load_the_cluster_refuses_is_reported(
     files["/notes.txt"] = b"not audio at all"
     cluster.fail["load"] = "not a playable song: not a known audio format"
     with pytest.raises(HomeAssistantError, match="not a playable song"):
-        await call(
-            hass,
-            "play_media",
-            **{ATTR_MEDIA_CONTENT_TYPE: "music", ATTR_MEDIA_CONTENT_ID: f"{base}/notes.txt"},
-        )
+        await play_media(hass, f"{base}/notes.txt")
     assert cluster.verbs() == ["load"]
