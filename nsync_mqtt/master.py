@@ -301,9 +301,9 @@ class Master:
         eff.out.append(Publish(self.sp.topics.status, b"online", retain=True))
         self.flush_state(now, eff)
         self.publish_library(eff)
-        self.announce(eff)
+        self.publish_discovery(eff)
 
-    def announce(self, eff: Effects) -> None:
+    def publish_discovery(self, eff: Effects) -> None:
         """Home Assistant's MQTT discovery of the cluster (retained), if switched on: after
         an election, a reconnect, and when Home Assistant says it is ``online`` again."""
         prefix = self.sp.discovery_prefix

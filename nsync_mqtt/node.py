@@ -418,7 +418,7 @@ class Node:
         master = self.core.master
         if payload == b"online" and not retain and master is not None:
             eff = Effects()
-            master.announce(eff)
+            master.publish_discovery(eff)
             self._do(eff)
 
     def _on_node_state(self, topic: str, payload: bytes, retain: bool) -> None:
