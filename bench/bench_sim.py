@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_sim.py --long-seed 3   # one seed: 5 nodes, 10 min, 100 faults
     .venv/bin/python bench/bench_sim.py --seeds 0:500   # the CI profile, timed
+    .venv/bin/python bench/bench_sim.py --seeds 0:1000 --profile edits --out sim-edits.json
     .venv/bin/python bench/bench_sim.py --seeds 0:100000 --out sim-long.json   # the long profile
 
 The long profile runs in chunks of 1,000 seeds, one result file each, so that it can be
@@ -34,7 +35,8 @@ from nsync_lab.sim.run import PROFILES, replay_command, run_seed, run_seeds
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--seeds", default=None, help="FROM:TO (profile ci)")
+    ap.add_argument("--seeds", default=None, help="FROM:TO")
+    ap.add_argument("--profile", default="ci", choices=sorted(PROFILES), help="for --seeds")
     ap.add_argument("--long-seed", type=int, default=None, help="time one long-seed run")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default=None)
@@ -63,13 +65,14 @@ def main() -> None:
         )
     if args.seeds:
         lo, hi = (int(x) for x in args.seeds.split(":"))
-        failures, totals = run_seeds(range(lo, hi), "ci", args.jobs, stop_at_first=False)
+        name = args.profile
+        failures, totals = run_seeds(range(lo, hi), name, args.jobs, stop_at_first=False)
         totals["simulated_hours"] = round(totals["sim_s"] / 3600, 1)
         totals["failures"] = [
-            {"seed": f.seed, "error": f.error, "replay": replay_command(f.seed, "ci")}
+            {"seed": f.seed, "error": f.error, "replay": replay_command(f.seed, name)}
             for f in failures
         ]
-        doc["profile"] = {"name": "ci", "seeds": f"{lo}:{hi}", "jobs": args.jobs, **totals}
+        doc["profile"] = {"name": name, "seeds": f"{lo}:{hi}", "jobs": args.jobs, **totals}
         print(json.dumps(doc["profile"], indent=1))
     if args.out:
         path = common.RESULTS / args.out
