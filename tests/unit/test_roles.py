@@ -228,3 +228,48 @@ def _peer_state(songs: list[str]) -> Any:
     from nsync_mqtt.wire import PeerState
 
     return PeerState.parse(json.dumps({"songs": songs}).encode())
+
+
+@pytest.mark.parametrize(
+    ("verb", "body"),
+    [
+        ("remove", {"index": 1e308}),
+        ("remove", {"index": [0]}),
+        ("remove", {"index": -1}),
+        ("move", {"from": None, "to": 0}),
+        ("move", {"arg": "0 1 2"}),
+        ("move", {"from": {"a": 1}, "to": "x"}),
+        ("replace", {"song": 42}),
+        ("replace", {}),
+        ("announce", {"song": "z" * 56}),
+        ("enqueue", {"song": SONG, "next": "yes"}),
+        ("enqueue", {"song": SONG, "play": 1}),
+        ("clear", {"arg": "everything"}),  # an argument clear ignores: succeeds or no-op
+    ],
+)
+def test_bad_editing_commands_get_one_failure_reply_and_change_nothing(
+    net: Net, verb: str, body: dict[str, Any]
+) -> None:
+    net.run("a", command(net, "enqueue", {"song": SONG}))
+    before = {p: n.state for p, n in net.nodes.items()}
+    net.run("a", command(net, verb, {"client_req_id": 9, **body}))
+    (reply,) = [r for r in net.replies("cli") if r["client_req_id"] == 9]
+    if verb == "clear":
+        assert reply["success"] and all(n.state.playlist == () for n in net.nodes.values())
+        return
+    assert reply["success"] is False and reply["command"] == verb and reply["msg"], reply
+    assert {p: n.state for p, n in net.nodes.items()} == before
+
+
+def test_the_master_publishes_the_discovery_document_only_when_switched_on() -> None:
+    def elected(prefix: str | None) -> list[Publish]:
+        nodes = {p: make(p) for p in PEERS}
+        nodes["a"].discovery_prefix = prefix
+        n = Net(nodes)
+        n.elect("a")
+        return [p for p in n.public if p.topic.startswith("ha/")]
+
+    (doc,) = elected("ha")
+    assert doc.topic == "ha/device/nsync_t/config" and doc.retain
+    assert set(json.loads(doc.payload)["components"]) >= {"nsync_t_play", "nsync_t_b_online"}
+    assert elected(None) == []
