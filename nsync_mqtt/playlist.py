@@ -507,7 +507,7 @@ def _announce(state: PlayerState, arg: Any, ctx: Context) -> tuple[PlayerState, 
     """Interrupt what plays (or not) with ``song``: it goes in at the current slot and plays
     from the lead instant on every speaker; the state remembers where playback was, and when
     the announcement ends (or is skipped) :func:`end_announcement` takes it out and returns
-    there (:func:`end_announcement`)."""
+    there."""
     song = _loaded(arg, ctx)
     if state.resume is not None:
         raise CommandError("an announcement is playing already: try again when it ends")
