@@ -217,6 +217,12 @@ def _is_wav(path: Path) -> bool:
     return False
 
 
+def too_long(max_seconds: float) -> str:
+    minutes = max_seconds / 60
+    unit = "minute" if minutes == 1 else "minutes"
+    return f"longer than the limit of {minutes:g} {unit} (max_song_minutes)"
+
+
 def _gist(err: Exception) -> str:
     """An error's message without ffmpeg's banner: its first line, and the last line of any
     output it quotes (where ffmpeg says what was wrong)."""
@@ -245,8 +251,10 @@ class PcmCache:
                 track = self._tracks[song] = PcmTrack(song, self._path(song))
             return track
 
-    def decode(self, song: str, src_path: Path | str) -> PcmTrack:
-        """Decode ``src_path`` (blocking: seconds for a long MP3); returns a cached song as is."""
+    def decode(self, song: str, src_path: Path | str, max_seconds: float | None = None) -> PcmTrack:
+        """Decode ``src_path`` (blocking: seconds for a long MP3); returns a cached song as is.
+        With ``max_seconds``, a song that plays longer is refused (DecodeError) having decoded
+        no more than that: a small compressed file cannot fill memory and disk with PCM."""
         cached = self.get(song)
         if cached is not None:
             return cached
@@ -255,7 +263,13 @@ class PcmCache:
             from pydub import AudioSegment
 
             fmt = "wav" if _is_wav(src) else None
-            seg = AudioSegment.from_file(str(src), format=fmt)
+            cap = None if max_seconds is None else max_seconds + 1.0
+            seg = AudioSegment.from_file(str(src), format=fmt, duration=cap)
+        except Exception as err:
+            raise DecodeError(f"cannot decode {src.name}: {_gist(err)}") from err
+        if max_seconds is not None and seg.duration_seconds > max_seconds:
+            raise DecodeError(too_long(max_seconds))
+        try:
             seg = seg.set_frame_rate(RATE).set_channels(CHANNELS).set_sample_width(SAMPLE_WIDTH)
             data = seg.raw_data
         except Exception as err:

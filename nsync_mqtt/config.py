@@ -41,6 +41,7 @@ class NodeConfig:
     chunk_size_kib: int = 256
     store_cap_mb: int = 2048
     max_song_mb: int = 200
+    max_song_minutes: int = 120  # longer songs are refused before they are decoded to PCM
     seed: int | None = None
     ha_discovery: bool = True  # the master announces the cluster to Home Assistant's discovery
     ha_discovery_prefix: str = "homeassistant"
@@ -206,6 +207,7 @@ def load_node_config(config_file: str | None, overrides: dict[str, Any]) -> Node
         chunk_size_kib=_as_int("chunk_size_kib", raw.get("chunk_size_kib", 256)),
         store_cap_mb=_as_int("store_cap_mb", raw.get("store_cap_mb", 2048)),
         max_song_mb=_as_int("max_song_mb", raw.get("max_song_mb", 200)),
+        max_song_minutes=_as_int("max_song_minutes", raw.get("max_song_minutes", 120)),
         seed=None if seed is None else _as_int("seed", seed, minimum=0),
         ha_discovery=_as_bool("ha_discovery", raw.get("ha_discovery", True)),
         ha_discovery_prefix=_as_topic_prefix(

@@ -480,10 +480,15 @@ class Node:
         self._decoding.add(song)
         src = self.store.path(song)
 
+        max_s = self.cfg.max_song_minutes * 60.0
+
         def work() -> tuple[dict[str, Any], str | None]:
             meta = audio.probe(src)
+            declared = meta.get("duration_s")
+            if isinstance(declared, (int, float)) and declared > max_s:  # no need to decode
+                return meta, audio.too_long(max_s)
             try:
-                track = self.pcm.decode(song, src)
+                track = self.pcm.decode(song, src, max_s)
             except audio.DecodeError as err:
                 return meta, str(err)
             meta["frames"] = track.frames

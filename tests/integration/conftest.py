@@ -120,8 +120,8 @@ def cluster_kind(request: pytest.FixtureRequest) -> str:
 def cluster(
     cluster_kind: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[NodeCluster]:
-    """Nodes n1-n3 on the session broker of ``cluster_kind``: songs up to 2 MB, a stalled
-    upload given up after 1 s. Every node must exit cleanly at the end."""
+    """Nodes n1-n3 on the session broker of ``cluster_kind``: songs up to 2 MB and 1 minute,
+    a stalled upload given up after 1 s. Every node must exit cleanly at the end."""
     broker: BrokerProcess = request.getfixturevalue(f"{cluster_kind}_broker")
     nodes = NodeCluster.of(
         broker.url,
@@ -129,7 +129,7 @@ def cluster(
         3,
         cluster=unique_cluster_name(),
         timing={"upload_idle_timeout_s": 1.0},
-        settings={"max_song_mb": 2},
+        settings={"max_song_mb": 2, "max_song_minutes": 1},
     )
     with ready_cluster(nodes) as c:
         yield c

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from nsync_lab.testing import (
 from nsync_mqtt.client import NSyncClient
 from nsync_mqtt.messages import Topics, encode_chunk
 from nsync_mqtt.replication import Manifest, chunk_header, sha224_file
-from nsync_mqtt.tones import make_tone_wav
+from nsync_mqtt.tones import ffmpeg_available, make_tone_wav
 
 pytestmark = pytest.mark.integration
 
@@ -358,6 +359,25 @@ def test_non_audio_whole_file_upload_is_not_a_playable_song(
     refused(reply, "upload", "not a playable song")
     song = hashlib.sha224(data).hexdigest()
     assert reply["params"]["song"] == song
+    assert snapshot(raw) == before
+    wait_for(lambda: held_anywhere(watcher, song) == [], 5, "the song to be dropped everywhere")
+    assert_healthy(cluster, raw)
+
+
+@pytest.mark.skipif(not ffmpeg_available(), reason="ffmpeg not installed")
+def test_a_small_file_that_decodes_too_long_is_refused_everywhere(
+    cluster: NodeCluster, raw: RawClient, watcher: Watcher, tmp_path: Path
+) -> None:
+    """90 s of silent FLAC is a few tens of KB but 15 MB of PCM: over the cluster's
+    max_song_minutes (1 here), every node refuses it before decoding more than a minute."""
+    path = tmp_path / "long silence.flac"
+    cmd = ["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "anullsrc=r=44100:cl=stereo"]
+    subprocess.run([*cmd, "-t", "90", "-c:a", "flac", str(path)], check=True, timeout=60)
+    data = path.read_bytes()
+    before = snapshot(raw)
+    reply = upload_reply(raw, data)
+    refused(reply, "upload", "not a playable song", "longer than the limit of 1 minute")
+    song = hashlib.sha224(data).hexdigest()
     assert snapshot(raw) == before
     wait_for(lambda: held_anywhere(watcher, song) == [], 5, "the song to be dropped everywhere")
     assert_healthy(cluster, raw)

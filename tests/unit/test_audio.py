@@ -544,3 +544,31 @@ def test_wav_probe_reads_tags_and_duration_without_ffprobe(
         w.setframerate(8000)
         w.writeframes(b"\x00\x00\x00" * 4000)
     assert audio.probe(bare) == {"title": "bare", "artist": None, "album": None, "duration_s": 0.5}
+
+
+def _silence_flac(path: Path, seconds: float) -> Path:
+    """Seconds of silence as FLAC: a few KB a minute, hundreds of MB once decoded."""
+    import subprocess
+
+    cmd = ["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "anullsrc=r=44100:cl=stereo"]
+    subprocess.run([*cmd, "-t", str(seconds), "-c:a", "flac", str(path)], check=True, timeout=60)
+    return path
+
+
+@needs_ffmpeg
+def test_a_song_longer_than_the_limit_is_refused_without_decoding_it_all(tmp_path: Path) -> None:
+    src = _silence_flac(tmp_path / "long.flac", 200.0)
+    assert src.stat().st_size < 100_000
+    cache = PcmCache(tmp_path / "pcm")
+    with pytest.raises(DecodeError, match="longer than the limit of 1 minute"):
+        cache.decode("c" * 56, src, max_seconds=60.0)
+    assert cache.get("c" * 56) is None and not list((tmp_path / "pcm").iterdir())
+    track = cache.decode("c" * 56, src, max_seconds=240.0)  # within the limit: decoded whole
+    assert track.frames == 200 * 44100
+
+
+def test_a_wav_longer_than_the_limit_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "long.wav"
+    src.write_bytes(make_tone_wav(3.0, 440.0, "Long", "Tester"))
+    with pytest.raises(DecodeError, match="longer than the limit of"):
+        PcmCache(tmp_path / "pcm").decode("d" * 56, src, max_seconds=2.0)
