@@ -4,7 +4,7 @@ own MQTT client.
 Everything here follows the cluster's public contract (docs/protocol.md, "Client commands",
 and the README's retained topics): commands go to ``nsync/<cluster>/cmd/<verb>`` with a
 ``reply_to`` and a ``client_req_id``, replies come back on ``reply/<reply_to>``; the retained
-``state``, ``state/playlist``, ``status``, ``library`` and ``node/<id>/...`` topics push every
+``state``, ``state/playlist``, ``status`` and ``node/<id>/...`` topics push every
 change. Songs are sent with the chunked load (``cmd/load`` and ``internal/chunk/all``), which
 resumes and skips what the cluster already holds. This module never imports the cluster's own
 Python package: Home Assistant pins another paho-mqtt than the nodes use.
@@ -63,7 +63,6 @@ class NSyncCluster:
         self.status: str | None = None
         self.state: dict[str, Any] = {}
         self.playlist: list[str] = []
-        self.library: dict[str, dict[str, Any]] = {}
         self.nodes: dict[str, Node] = {}
         self._ids = itertools.count(1)
         self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -80,7 +79,6 @@ class NSyncCluster:
             (f"{self.base}/status", self._on_status),
             (f"{self.base}/state", self._on_state),
             (f"{self.base}/state/playlist", self._on_playlist),
-            (f"{self.base}/library", self._on_library),
             (f"{self.base}/node/+/status", self._on_node_status),
             (f"{self.base}/node/+/state", self._on_node_state),
             (f"{self.base}/reply/{self.reply_to}", self._on_reply),
@@ -145,17 +143,6 @@ class NSyncCluster:
         songs = self._json(msg, list)
         if songs is not None:
             self.playlist = [s for s in songs if isinstance(s, str)]
-            self._changed()
-
-    @callback
-    def _on_library(self, msg: ReceiveMessage) -> None:
-        songs = self._json(msg, list)
-        if songs is not None:
-            self.library = {
-                e["hash"]: e
-                for e in songs
-                if isinstance(e, dict) and isinstance(e.get("hash"), str)
-            }
             self._changed()
 
     def _node_of(self, topic: str) -> str | None:
@@ -255,11 +242,6 @@ class NSyncCluster:
                 if not fut.done():
                     fut.cancel()
         return song
-
-    # ------------------------------------------------------------------ what is playing
-
-    def meta(self, song: str | None) -> dict[str, Any]:
-        return self.library.get(song, {}) if song else {}
 
 
 async def async_probe(hass: HomeAssistant, cluster: str, client_id: str, wait_s: float) -> str:

@@ -207,7 +207,6 @@ class NSyncMediaPlayer(MediaPlayerEntity):
         HTTP client, send it to the cluster with the chunked load, then enqueue it as asked:
         add, next, play (the default) or replace; ``announce`` interrupts what plays and
         resumes it after, on every speaker together."""
-        name = None
         if media_source.is_media_source_id(media_id):
             item = await media_source.async_resolve_media(self.hass, media_id, self.entity_id)
             media_id = item.url
