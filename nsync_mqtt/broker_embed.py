@@ -254,11 +254,11 @@ def _close_connections(broker: Broker) -> None:
 
 async def _serve(host: str, port: int, password_file: Path | None) -> None:
     broker = EmbeddedBroker(host, port, password_file)
-    await broker.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the port opens: a stop is never lost
         loop.add_signal_handler(sig, stop.set)
+    await broker.start()
     print(f"nsync broker: listening on {broker.url}", file=sys.stderr, flush=True)
     try:
         await stop.wait()

@@ -49,6 +49,11 @@ def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         metavar="FILE",
         help="user:argon2-hash lines for the embedded broker (see nsync_mqtt.broker_embed)",
     )
+    p.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="the cluster key (nsync keygen FILE): internal messages are signed with it",
+    )
     p.add_argument("--data-dir", help="where songs and decoded audio are kept")
     p.add_argument(
         "--sink",
@@ -96,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seconds", type=float, default=None, help="end after this many seconds")
     d.add_argument("--audio", action="store_true", help="play through the sound card")
     sub.add_parser("devices", help="list the audio outputs the stream sink can use")
+    kg = sub.add_parser("keygen", help="write a new cluster key (mode 0600) for key_file")
+    kg.add_argument("file", help="where to write it, e.g. /etc/nsync/cluster.key")
+    kg.add_argument("--force", action="store_true", help="replace an existing file")
     for verb in ("play", "pause", "forward", "backward", "stop", "status"):
         sub.add_parser(verb, help=f"{verb} the cluster")
     ld = sub.add_parser("load", help="send a song file to the cluster")
@@ -141,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
 
             print(list_output_devices())
             return 0
+        if args.command == "keygen":
+            from nsync_mqtt.seal import write_key
+
+            write_key(Path(args.file), force=args.force)
+            print(f"wrote a new cluster key to {args.file}: copy it to every node (mode 0600)")
+            return 0
         if args.command == "demo":
             from nsync_mqtt.demo import run_demo
 
@@ -177,6 +191,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
         "broker": args.broker,
         "embed_broker": args.embed_broker,
         "embed_broker_password_file": args.embed_broker_password_file,
+        "key_file": args.key_file,
         "data_dir": args.data_dir,
         "sink": args.sink,
         "sink_log": args.sink_log,

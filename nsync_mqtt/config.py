@@ -31,6 +31,7 @@ class NodeConfig:
     broker: tuple[str, ...] = ("mqtt://127.0.0.1:1883",)
     embed_broker: str | None = None
     embed_broker_password_file: Path | None = None
+    key_file: Path | None = None  # the cluster key: internal messages are signed with it
     data_dir: Path = Path("nsync-data")
     sink: str = "auto"
     sink_log: Path | None = None
@@ -180,6 +181,9 @@ def load_node_config(config_file: str | None, overrides: dict[str, Any]) -> Node
     pw_file = raw.get("embed_broker_password_file")
     if pw_file is not None and not isinstance(pw_file, str):
         raise ConfigError(f"embed_broker_password_file: must be a file path, got {pw_file!r}")
+    key_file = raw.get("key_file")
+    if key_file is not None and not isinstance(key_file, str):
+        raise ConfigError(f"key_file: must be a file path, got {key_file!r}")
     sink = raw.get("sink", "auto")
     if sink not in SINKS:
         raise ConfigError(f"sink: must be one of {', '.join(SINKS)}, got {sink!r}")
@@ -197,6 +201,7 @@ def load_node_config(config_file: str | None, overrides: dict[str, Any]) -> Node
         broker=tuple(brokers),
         embed_broker=embed,
         embed_broker_password_file=Path(pw_file) if pw_file else None,
+        key_file=Path(os.path.expanduser(key_file)) if key_file else None,
         data_dir=Path(os.path.expanduser(str(raw.get("data_dir", f"nsync-data/{node_id}")))),
         sink=sink,
         sink_log=Path(sink_log) if sink_log else None,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nsync_mqtt.playlist import Operation
+from nsync_mqtt.replication import Manifest
 
 PLAY, STOP, HOLD, RETIME = "play", "stop", "hold", "retime"
 
@@ -85,6 +86,7 @@ class Effects:
     chunks: list[SendChunks] = field(default_factory=list)
     remove: list[str] = field(default_factory=list)  # songs to delete from the store
     names: list[tuple[str, str]] = field(default_factory=list)  # (song, its file or URL name)
+    expect: list[Manifest] = field(default_factory=list)  # client uploads under way (chunk/all)
     evict_keep: str | None = None  # keep the store under its cap, sparing this new song
     node_state: bool = False  # publish this node's retained state now
     state_soon: bool = False  # (master) publish the cluster's retained state shortly
@@ -102,6 +104,7 @@ class Effects:
             or self.chunks
             or self.remove
             or self.names
+            or self.expect
             or self.evict_keep
             or self.node_state
             or self.state_soon

@@ -31,7 +31,7 @@ STALL_REPORT_S = 0.5  # a loop blocked this long is reported (with its stack)
 STALL_CHECK_S = 0.25  # how often the watchdog looks
 
 
-def _decade(n: int) -> bool:
+def decade(n: int) -> bool:
     """1, 10, 100, 1000, ...: the counts at which a repeated failure is logged again."""
     while n >= 10 and n % 10 == 0:
         n //= 10
@@ -54,7 +54,7 @@ class Faults:
         with self._lock:
             n = self.counts.get(kind, 0) + 1
             self.counts[kind] = n
-        if not _decade(n):
+        if not decade(n):
             return n
         times = "" if n == 1 else f" ({n} times so far)"
         if isinstance(err, NSyncError):

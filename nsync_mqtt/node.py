@@ -31,12 +31,13 @@ from nsync_mqtt.clock import SimClock
 from nsync_mqtt.config import NodeConfig, parse_host_port
 from nsync_mqtt.effects import PLAY, RETIME, STOP, Decode, Effects, SinkPlan
 from nsync_mqtt.errors import NSyncError, ProtocolError
-from nsync_mqtt.guard import Faults, LoopWatchdog, forever, log_tasks
+from nsync_mqtt.guard import Faults, LoopWatchdog, decade, forever, log_tasks
 from nsync_mqtt.master import NODE_ALIVE_S, STATE_PUBLISH_DELAY_S
 from nsync_mqtt.messages import Topics, decode_chunk, encode_chunk
 from nsync_mqtt.persist import StateFile
 from nsync_mqtt.playlist import RATE
 from nsync_mqtt.replication import Manifest, SongStore, TransferQueue, chunk_header, read_chunk
+from nsync_mqtt.seal import Opener, Sealer, next_boot, read_key
 from nsync_mqtt.speaker import Speaker
 from nsync_mqtt.wire import PeerState
 
@@ -46,6 +47,8 @@ NODE_STATE_PERIOD_S = 1.0
 HOUSEKEEPING_S = 0.25
 TRANSFER_WINDOW = 2  # chunks of a background song transfer not yet taken by the broker
 TRANSFER_ACK_TIMEOUT_S = 2.0  # a chunk the broker has not taken by then no longer holds up the next
+MAX_EXPECTED_UPLOADS = 8  # client uploads whose chunks a signing node takes at once
+UNEXPECTED_CHUNK = "chunk of no upload in progress"
 
 
 class StoreLibrary:
@@ -113,6 +116,19 @@ class Node:
         # seconds of this node's clock per host second (1 on a real box)
         self._local_per_host = self.clock.from_host(1.0) - self.clock.from_host(0.0)
         self.state_file = StateFile(cfg.data_dir / "state.json")
+        # signing: every internal message and chunk carries a MAC of the cluster key
+        self.sealer: Sealer | None = None
+        self.opener: Opener | None = None
+        if cfg.key_file is not None:
+            key = read_key(cfg.key_file)
+            boot = next_boot(cfg.data_dir / "boot")
+            self.sealer = Sealer(key, cfg.cluster, cfg.id, boot)
+            self.opener = Opener(key, cfg.cluster, cfg.id, set(cfg.peers))
+        self._internal = self.topics.internal("")
+        self._unsealed = (self.topics.internal("xfer/"), self.topics.internal("chunk/all"))
+        # client uploads announced by the master (signed): their chunks on chunk/all are taken
+        self._expected: dict[str, tuple[Manifest, float]] = {}
+        self._refused_local: dict[str, int] = {}
         self.core = Speaker(
             cfg.id,
             cfg.peers,
@@ -291,7 +307,7 @@ class Node:
         if not eff:
             return
         for p in eff.early:
-            self.bus.publish(p.topic, p.payload, retain=p.retain)
+            self._publish(p.topic, p.payload, p.retain)
         if eff.early:
             assert self.loop is not None
             self.loop.call_soon(self._do_rest, eff)
@@ -308,7 +324,7 @@ class Node:
                 self.state_file.save(self.core.durable())
             saved = self.core.persisted(self.clock.now())
         for p in eff.out:
-            self.bus.publish(p.topic, p.payload, retain=p.retain)
+            self._publish(p.topic, p.payload, p.retain)
         if saved:
             self._do(saved)
         for d in eff.decode:
@@ -319,6 +335,8 @@ class Node:
             self._transfer_wake.set()
         for song in eff.remove:
             self.store.remove(song)
+        for manifest in eff.expect:
+            self._expect(manifest)
         for song, name in eff.names:
             self.store.set_name(song, name)
         if eff.evict_keep is not None:
@@ -333,6 +351,67 @@ class Node:
             # after the bus has sent this event's messages (an ack goes before the sink's work)
             self.loop.call_soon(self._drive_sink, eff.sink, eff.attach)
 
+    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.bus.publish(topic, self._seal(topic, payload), retain=retain)
+
+    def _seal(self, topic: str, payload: bytes) -> bytes:
+        """Internal messages and chunks go out signed when the cluster has a key (not what
+        clients read or send: ``xfer/``, ``chunk/all``)."""
+        if self.sealer is None or not topic.startswith(self._internal):
+            return payload
+        if topic.startswith(self._unsealed):
+            return payload
+        return self.sealer.seal(topic, payload)
+
+    def _open(self, topic: str, payload: bytes) -> tuple[str | None, bytes] | None:
+        """(signer, payload) of a received internal message, or None if it is refused (or
+        this node's own). Without a key: (None, payload) unchanged."""
+        if self.opener is None:
+            return None, payload
+        before = sum(self.opener.rejected.values())
+        opened = self.opener.open(self.clock.now(), topic, payload)
+        if opened is not None:
+            return opened.sender, opened.payload
+        total = sum(self.opener.rejected.values())
+        if total > before and decade(total):
+            log.warning(
+                "refused %d internal message(s) so far that were unsigned, forged or replayed: %s",
+                total,
+                self.rejected(),
+            )
+        return None
+
+    def rejected(self) -> dict[str, int]:
+        """Messages refused before they were read, by reason."""
+        out = dict(self.opener.rejected) if self.opener is not None else {}
+        out.update(self._refused_local)
+        return out
+
+    def _expect(self, manifest: Manifest) -> None:
+        """A client is uploading ``manifest``'s song (the master said so, signed): take its
+        chunks from ``chunk/all`` until the upload has been idle a while."""
+        self._expected.pop(manifest.song, None)
+        while len(self._expected) >= MAX_EXPECTED_UPLOADS:
+            del self._expected[next(iter(self._expected))]
+        self._expected[manifest.song] = (manifest, self._upload_deadline())
+
+    def _upload_deadline(self) -> float:
+        return self.clock.now() + 2 * self.cfg.timing.upload_idle_timeout_s
+
+    def _expected_upload(self, header: dict[str, Any]) -> bool:
+        try:
+            manifest = Manifest.from_dict(header, self.cfg.max_song_mb * 1024 * 1024)
+        except ProtocolError:
+            return False
+        entry = self._expected.get(manifest.song)
+        if entry is None or entry[0] != manifest:
+            return False
+        if entry[1] < self.clock.now():
+            del self._expected[manifest.song]
+            return False
+        self._expected[manifest.song] = (manifest, self._upload_deadline())
+        return True
+
     def _publish_state(self) -> None:
         self._state_timer = None
         self._do(self.core.publish_state(self.clock.now()))
@@ -346,6 +425,8 @@ class Node:
         doc["loop_stalls"] = self.watchdog.stalls  # event loop blocked > 0.5 s
         doc["sink"] = {"kind": self.cfg.sink, **self.sink.sync_stats()}
         self._node_state_sent = now
+        doc["signed"] = self.sealer is not None
+        doc["rejected"] = self.rejected()  # unsigned, forged, replayed, not from a peer
         payload = json.dumps(doc, separators=(",", ":")).encode()
         self.bus.publish(self.topics.node_state(self.cfg.id), payload, retain=True)
 
@@ -404,7 +485,11 @@ class Node:
         if retain:
             return
         rx = self.clock.from_host(self.bus.received_at)
-        self._do(self.core.step(self.clock.now(), payload, rx))
+        opened = self._open(topic, payload)
+        if opened is None:
+            return
+        sender, inner = opened
+        self._do(self.core.step(self.clock.now(), inner, rx, sender))
 
     def _on_command(self, topic: str, payload: bytes, retain: bool) -> None:
         master = self.core.master
@@ -440,10 +525,20 @@ class Node:
         if retain:
             return
         now = self.clock.now()
+        from_client = topic.startswith(self._unsealed[1])
+        if not from_client:  # from a node: signed
+            opened = self._open(topic, payload)
+            if opened is None:
+                return
+            payload = opened[1]
         try:
             header, data = decode_chunk(payload)
         except ProtocolError as err:
             self.faults.record("dropped chunk", err)
+            return
+        if from_client and self.opener is not None and not self._expected_upload(header):
+            # with signing, a client's chunks go only into an upload the master announced
+            self._refused_local[UNEXPECTED_CHUNK] = self._refused_local.get(UNEXPECTED_CHUNK, 0) + 1
             return
         try:
             song, complete = self.store.add_chunk(header, data, now)
@@ -539,7 +634,8 @@ class Node:
             manifest = Manifest(song, self.store.size_of(song), self.cfg.chunk_size_kib * 1024)
             data = read_chunk(self.store.path(song), manifest, index)
             frame = encode_chunk(chunk_header(manifest, index), data)
-            return self.topics.internal(f"chunk/{node}"), frame
+            topic = self.topics.internal(f"chunk/{node}")
+            return topic, self._seal(topic, frame)
 
         try:
             while True:

@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
@@ -65,6 +66,7 @@ PING_BURST_SAMPLES = 32  # samples taken quickly after a master change ...
 PING_BURST_INTERVAL_S = 0.02  # ... at this interval
 SONG_RETRY_S = 3.0  # a lacked playlist song with no progress for this long is asked for again
 SONG_RETRY_MAX_S = 60.0  # ... the interval doubling up to this while it stays stalled
+PINGS_REMEMBERED = 64  # a pong must answer one of this node's last pings
 LAG_HEARTBEATS = 3  # heartbeats showing another log before a node pulls the master's state
 
 
@@ -148,6 +150,8 @@ class Speaker:
         self.song_progress: dict[str, float] = {}  # song lacked -> last chunk in or request out
         self._song_retry_s: dict[str, float] = {}  # song stalled -> interval before asking again
         self.peer_seen: dict[str, float] = {}  # any message from a peer
+        self._pings_sent: deque[float] = deque(maxlen=PINGS_REMEMBERED)  # t1 of recent pings
+        self.stray_pongs = 0  # pongs that answered none of them: not used for the clock
         self.holders: dict[str, set[str]] = {}  # song -> nodes that hold it
         self.node_info: dict[str, PeerState] = {}  # peers' retained node states
         # the bus may still be working through its broker list: give each broker its turn
@@ -214,8 +218,11 @@ class Speaker:
 
     # ------------------------------------------------------------------ messages
 
-    def step(self, now: float, payload: bytes, rx: float | None = None) -> Effects:
-        """An internal message (not a retained one) read off the bus at local time ``rx``."""
+    def step(
+        self, now: float, payload: bytes, rx: float | None = None, signer: str | None = None
+    ) -> Effects:
+        """An internal message (not a retained one) read off the bus at local time ``rx``;
+        ``signer``: the peer whose key signature it carried, when the cluster signs."""
         eff = Effects()
         # everything is checked before anything is acted on: a message that fails changes
         # nothing, not even the term
@@ -225,6 +232,8 @@ class Speaker:
                 return eff
             if msg.src not in self.peers:
                 raise ProtocolError(f"from {msg.src!r}, which is not a peer of this cluster")
+            if signer is not None and msg.src != signer:
+                raise ProtocolError(f"signed by {signer!r} but sent as {msg.src!r}")
             body = parse_body(msg)
         except ProtocolError as err:
             eff.faults.append(("bad internal message", err))
@@ -286,6 +295,10 @@ class Speaker:
     def _pong(self, now: float, eff: Effects, msg: Message, pong: wire.Pong, rx: float) -> None:
         if msg.src != self.election.master or msg.term != self.election.term:
             return
+        if pong.t1 not in self._pings_sent:  # a duplicate, a late answer or a forgery
+            self.stray_pongs += 1
+            return
+        self._pings_sent.remove(pong.t1)  # one sample per ping (a duplicate answers nothing)
         was = self.est.calibrated
         sample = self.est.add(pong.t1, pong.t2, pong.t3, rx)
         if not was and self.est.calibrated:
@@ -381,6 +394,9 @@ class Speaker:
         if self.lib.has(manifest.song):
             eff.node_state = True
             return
+        if offer.upload:  # a client is sending it on chunk/all: take those chunks
+            eff.expect.append(manifest)
+            return
         self.want(now, eff, manifest.song, self.lib.assembly_missing(manifest))
 
     def send_chunks(
@@ -457,6 +473,7 @@ class Speaker:
         eff = Effects()
         master = self.election.master
         if master and master != self.id:
+            self._pings_sent.append(now)
             self.send_to(eff, master, "ping", t1=now)
         return eff
 
@@ -738,6 +755,7 @@ class Speaker:
             "recovering": self.recovering,
             "recovery": self.recovery,
             "clock": stats,
+            "stray_pongs": self.stray_pongs,
             "songs": sorted(self.lib.songs()),
             "index": self.state.index,
             "last_op": {

@@ -212,10 +212,12 @@ class Want:
 class Offer:
     manifest: Manifest
     name: str | None = None  # the file or URL name it was loaded under, if known
+    upload: bool = False  # a client is uploading it now (its chunks come on chunk/all)
 
     @classmethod
     def parse(cls, b: Mapping[str, Any]) -> Offer:
-        return cls(Manifest.from_dict(b.get("manifest")), song_name(b.get("name")))
+        upload = False if b.get("upload") is None else _bool(b, "upload")
+        return cls(Manifest.from_dict(b.get("manifest")), song_name(b.get("name")), upload)
 
 
 @dataclass(frozen=True)

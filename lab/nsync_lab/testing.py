@@ -31,6 +31,7 @@ from nsync_mqtt.client import NSyncClient
 from nsync_mqtt.clock import FakeClock
 from nsync_mqtt.messages import Topics
 from nsync_mqtt.ports import free_port, port_open
+from nsync_mqtt.seal import MAGIC, write_key
 from nsync_mqtt.tones import make_tone_wav
 
 __all__ = [
@@ -61,6 +62,13 @@ MOSQUITTO = Path("/usr/sbin/mosquitto")
 BROKER_KINDS = ("amqtt", "mosquitto")
 BROKER_START_TIMEOUT_S = 10.0
 REPLY_KEYS = frozenset({"success", "command", "params", "msg", "client_req_id"})
+
+
+def unsealed(payload: bytes) -> bytes:
+    """An internal message as a plain observer reads it: without the signature line."""
+    if payload.startswith(MAGIC):
+        return payload.partition(b"\n")[2]
+    return payload
 
 
 def wait_port(
@@ -213,8 +221,11 @@ class NodeCluster:
         sink: str = "virtual",
         timing: dict[str, float] | None = None,
         settings: dict[str, Any] | None = None,
+        signed: bool = True,
     ) -> None:
         self.broker_url = broker_url
+        # the recommended set-up: a cluster key, every internal message signed with it
+        self.key_file: Path | None = Path(workdir) / "cluster.key" if signed else None
         self.workdir = Path(workdir)
         self.specs = {s.id: s for s in specs}
         self.cluster = cluster
@@ -247,6 +258,10 @@ class NodeCluster:
         settings = dict(self.settings)
         if self.timing or spec.timing:
             settings["timing"] = {**self.timing, **spec.timing}
+        if self.key_file is not None:
+            if not self.key_file.exists():
+                write_key(self.key_file)
+            settings.setdefault("key_file", str(self.key_file))
         config.write_text(json.dumps(settings))
         cmd = [
             sys.executable,

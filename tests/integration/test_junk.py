@@ -1,6 +1,8 @@
 """Junk on every topic a node subscribes to, against a real 3-node cluster (amqtt and Mosquitto):
 the master keeps heartbeating and keeps its term, commands still succeed, the player state is
-what it was, and the nodes count what they refused instead of dying or logging every message."""
+what it was, and the nodes count what they refused instead of dying or logging every message.
+Run on a signing cluster (the recommended set-up: junk on the internal topics is refused before
+it is parsed) and on one without a key (every message's body is checked)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,17 @@ from typing import Any
 
 import pytest
 
-from nsync_lab.testing import NodeCluster, RawClient, Watcher, ok, wait_for
+from nsync_lab.testing import (
+    BrokerProcess,
+    NodeCluster,
+    RawClient,
+    Watcher,
+    ok,
+    ready_cluster,
+    unique_cluster_name,
+    unsealed,
+    wait_for,
+)
 from nsync_mqtt.client import NSyncClient
 from nsync_mqtt.messages import Topics, encode_chunk
 
@@ -71,6 +83,22 @@ NODE_STATE_JUNK: list[bytes] = [
 ]
 
 
+@pytest.fixture(scope="module", params=["signed", "unsigned"])
+def cluster(
+    cluster_kind: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[NodeCluster]:
+    broker: BrokerProcess = request.getfixturevalue(f"{cluster_kind}_broker")
+    nodes = NodeCluster.of(
+        broker.url,
+        tmp_path_factory.mktemp("cluster"),
+        3,
+        cluster=unique_cluster_name(),
+        signed=request.param == "signed",
+    )
+    with ready_cluster(nodes) as c:
+        yield c
+
+
 @pytest.fixture
 def raw(cluster: NodeCluster) -> Iterator[RawClient]:
     topics = Topics(cluster.cluster)
@@ -90,7 +118,7 @@ def heartbeats_from(raw: RawClient, master: str, since: int) -> list[int]:
     out = []
     for m in raw.since(since):
         if m.topic == raw.topics.internal("hb"):
-            doc = json.loads(m.payload)
+            doc = json.loads(unsealed(m.payload))
             if doc.get("src") == master:
                 out.append(doc["term"])
     return out
@@ -148,7 +176,12 @@ def test_junk_on_every_subscribed_topic_changes_nothing(
     states = watcher.node_states()
     assert set(states) >= set(cluster.specs), states
     faults = states[master].get("faults", {})
-    assert faults.get("bad internal message/ProtocolError", 0) > 0, faults
+    for node in cluster.specs:
+        assert states[node]["signed"] is (cluster.key_file is not None)
+        if cluster.key_file is not None:  # refused before it was read
+            assert states[node]["rejected"].get("unsigned", 0) >= len(RAW_JUNK), states[node]
+    if cluster.key_file is None:
+        assert faults.get("bad internal message/ProtocolError", 0) > 0, faults
     assert faults.get("bad node state/ProtocolError", 0) > 0, faults
     unexpected = {k: v for s in states.values() for k, v in s.get("faults", {}).items()
                   if not k.endswith("/ProtocolError")}  # fmt: skip

@@ -22,6 +22,7 @@ from nsync_lab.testing import (
     ready_cluster,
     tone_file,
     unique_cluster_name,
+    unsealed,
     wait_for,
 )
 from nsync_mqtt import sinklog
@@ -132,7 +133,7 @@ def test_a_speaker_restarted_with_an_empty_data_dir_is_sent_its_songs_and_rejoin
                 return s if isinstance(rec, dict) and "songs_ms" in rec and songs <= held else None
 
             wait_for(recovered, 20, f"{speaker} to hold both songs again")
-        asked = [json.loads(m.payload) for m in wants.since(0)]
+        asked = [json.loads(unsealed(m.payload)) for m in wants.since(0)]
         assert not [m for m in asked if m.get("src") == speaker], "the songs came unasked"
     finally:
         wants.close()

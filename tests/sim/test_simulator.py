@@ -38,6 +38,38 @@ def test_the_ci_profile_breaks_no_invariant() -> None:
     assert totals["faults"] >= 9 * CI_SEEDS and totals["acked_enqueues"] >= 10 * CI_SEEDS
 
 
+UNSIGNED_SEEDS = 100
+
+
+def test_the_unsigned_profile_breaks_no_invariant() -> None:
+    """The CI profile signs every internal message (the recommended set-up); a cluster
+    without a key must hold the same invariants."""
+    failures, totals = run_seeds(
+        range(UNSIGNED_SEEDS), "unsigned", jobs=min(2, os.cpu_count() or 1)
+    )
+    print(json.dumps(totals))
+    assert not failures, "\n".join(
+        f"seed {o.seed}: {o.error}\n  replay: {replay_command(o.seed, 'unsigned')}"
+        for o in failures
+    )
+    assert totals["seeds"] == UNSIGNED_SEEDS
+
+
+def test_a_signed_simulation_refuses_the_duplicates_the_broker_delivers() -> None:
+    """The simulated broker delivers some messages twice (as QoS 1 does): with a key they are
+    refused as replays before the roles see them, and nothing else is refused."""
+    refused: dict[str, int] = {}
+    for seed in range(12):
+        sim = Simulation(seed, nodes=3)
+        sim.run()
+        for n in sim.nodes.values():
+            counts = [n.rejected, n.opener.rejected if n.opener else {}]
+            for c in counts:
+                for k, v in c.items():
+                    refused[k] = refused.get(k, 0) + v
+    assert set(refused) == {"replayed"} and refused["replayed"] > 0, refused
+
+
 EDIT_SEEDS = 100
 
 

@@ -42,6 +42,7 @@ from nsync_mqtt.messages import Topics
 from nsync_mqtt.node import HOUSEKEEPING_S, NODE_STATE_PERIOD_S
 from nsync_mqtt.persist import Durable
 from nsync_mqtt.playlist import PLAYING, RATE
+from nsync_mqtt.seal import OLD_BOOT, REPLAYED, Boot, Opener, Sealer
 from nsync_mqtt.speaker import Speaker
 from nsync_mqtt.timing import Timing
 from nsync_mqtt.wire import PeerState
@@ -104,6 +105,10 @@ class SimNode:
         self.backoff = RECONNECT_S[0]
         self.boots = 0
         self.crash_mid_commit = False  # crash right after the next early send
+        # signing (Simulation(signed=True)): a sealer per boot, an opener that forgets at a crash
+        self.sealer: Sealer | None = None
+        self.opener: Opener | None = None
+        self.rejected: dict[str, int] = {}  # over every boot
 
     # ------------------------------------------------------------------ life
 
@@ -131,6 +136,10 @@ class SimNode:
             wall=lambda: 1.7e9 + self.world.now,
         )
         self.sink = SinkState()
+        if self.sim.key is not None:
+            tag = f"{self.sim.rng.getrandbits(32):08x}"
+            self.sealer = Sealer(self.sim.key, CLUSTER, self.id, Boot(self.boots, tag))
+            self.opener = Opener(self.sim.key, CLUSTER, self.id, set(self.sim.peers))
         self.sim.log(self.id, "boot", f"term {durable.term} last {durable.state.last}")
         self._connect()
         self._every(HOUSEKEEPING_S, self._housekeeping)
@@ -153,6 +162,10 @@ class SimNode:
         if self.conn is not None and self.conn.connected:
             self.sim.broker.drop(self.conn.client_id)  # the will: status offline
         self.conn = None
+        if self.opener is not None:
+            for reason, n in self.opener.rejected.items():
+                self.rejected[reason] = self.rejected.get(reason, 0) + n
+        self.sealer = self.opener = None
         self.disk.crash(self.sim.world.rng)
         self.sink = SinkState()
 
@@ -223,8 +236,12 @@ class SimNode:
             self.timers.append(self.world.after(self.backoff, self._connect))
 
     def _publish(self, p: Publish) -> None:
-        if self.conn is not None:
-            self.conn.publish(p.topic, p.payload, p.retain)
+        if self.conn is None:
+            return
+        payload = p.payload
+        if self.sealer is not None and p.topic.startswith(self.sim.topics.internal("")):
+            payload = self.sealer.seal(p.topic, payload)
+        self.conn.publish(p.topic, payload, p.retain)
 
     def _on_message(self, topic: str, payload: bytes, retain: bool) -> None:
         core = self.core
@@ -233,8 +250,16 @@ class SimNode:
         now = self.clock.now()
         topics = self.sim.topics
         if topic.startswith(topics.base + "/internal/"):
-            if not retain:
-                self._do(core.step(now, payload, now))
+            if retain:
+                return
+            signer = None
+            if self.opener is not None:
+                opened = self.opener.open(now, topic, payload)
+                if opened is None:
+                    self.sim.checker.refused(self)
+                    return
+                signer, payload = opened.sender, opened.payload
+            self._do(core.step(now, payload, now, signer))
         elif topic.startswith(topics.base + "/cmd/"):
             if not retain and core.master is not None:
                 verb = topics.verb_of(topic) or ""
@@ -461,6 +486,14 @@ class Checker:
     def fail(self, what: str) -> None:
         raise Violation(f"t={self.sim.world.now:.3f}: {what}")
 
+    def refused(self, n: SimNode) -> None:
+        """A node's opener refused a message: only duplicates and a restarted node's stale
+        messages may be refused in a cluster whose every member holds the key."""
+        assert n.opener is not None
+        wrong = {r: c for r, c in n.opener.rejected.items() if r not in (REPLAYED, OLD_BOOT)}
+        if wrong:
+            self.fail(f"{n.id} refused signed messages of the cluster itself: {wrong}")
+
     def faults(self, node: str, eff: Effects) -> None:
         for where, err in eff.faults:
             self.fail(f"{node} refused a message of the cluster itself: {where}: {err}")
@@ -543,8 +576,11 @@ class Simulation:
         timing: Timing | None = None,
         faults_plan: list[Fault] | None = None,
         edits: bool = False,
+        signed: bool = True,
     ) -> None:
         self.seed = seed
+        # the recommended set-up: every internal message signed with the cluster key
+        self.key: bytes | None = bytes(range(32)) if signed else None
         # the workload also edits the playlist and announces (the acknowledged-enqueue order
         # check then does not apply: removes and clears take songs out on purpose)
         self.edits = edits

@@ -34,8 +34,10 @@ PROFILES: dict[str, tuple[int, float, int, float]] = {
     "five": (5, 60.0, 10, 15.0),
     "long-seed": (5, 600.0, 100, 30.0),
     "edits": (0, 60.0, 10, 15.0),  # the ci profile's faults; the workload also edits
+    "unsigned": (0, 60.0, 10, 15.0),  # the ci profile on a cluster without a key
 }
 EDIT_PROFILES = frozenset({"edits"})
+UNSIGNED_PROFILES = frozenset({"unsigned"})  # the others sign every internal message
 
 
 def nodes_for(profile: str, seed: int) -> int:
@@ -62,6 +64,7 @@ def run_seed(seed: int, profile: str = "ci") -> Outcome:
         faults=faults,
         settle_s=settle,
         edits=profile in EDIT_PROFILES,
+        signed=profile not in UNSIGNED_PROFILES,
     )
     try:
         res = sim.run()
