@@ -13,6 +13,11 @@ publish to A's receipt. It has the same shape as a command (client -> broker -> 
 own subscription (one hop there and back through the broker) is measured too, for reference.
 Both run ``--runs`` times before the clusters start and again after they stop; the two halves
 are pooled, so a change in the machine's load during the run shows in both sides.
+
+``--signing both`` (the default) runs each cluster size twice in the same run, without and with
+a cluster key (every internal message signed), and prints what signing costs per command:
+
+    .venv/bin/python bench/bench_latency.py --broker mosquitto --runs 200 --signing both
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ TARGET_P99_MS = 25.0
 PAPER_MS = {"play": 2400, "pause": 2400, "forward": 2400, "backward": 2400, "enqueue": 5600}
 CLUSTER_READY_S = 60.0
 CLIENT_TIMEOUT_S = 5.0
+SIGNING_TARGET = 1.10  # signing costs at most 10% of a command's p50
 
 
 def _client(url: str, name: str, topics: list[str], inbox: queue.Queue[Any]) -> Any:
@@ -101,9 +107,12 @@ def _ok(reply: dict[str, Any], what: str) -> dict[str, Any]:
     return reply
 
 
-def cluster_latency(url: str, workdir: Path, nodes: int, runs: int) -> dict[str, Any]:
+def cluster_latency(
+    url: str, workdir: Path, nodes: int, runs: int, signed: bool = True
+) -> dict[str, Any]:
+    name = f"n{nodes}-{'signed' if signed else 'unsigned'}"
     cluster = NodeCluster.of(
-        url, workdir / f"n{nodes}", n=nodes, cluster=f"b{uuid.uuid4().hex[:8]}"
+        url, workdir / name, n=nodes, cluster=f"b{uuid.uuid4().hex[:8]}", signed=signed
     )
     samples: dict[str, list[float]] = {v: [] for v in (*VERBS, DIAGNOSTIC)}
     failures: dict[str, list[str]] = {v: [] for v in (*VERBS, DIAGNOSTIC)}
@@ -116,7 +125,7 @@ def cluster_latency(url: str, workdir: Path, nodes: int, runs: int) -> dict[str,
         try:
             songs = []
             for i in range(PLAYLIST_SONGS):
-                path = workdir / f"lat-{nodes}-{i}.wav"
+                path = workdir / f"lat-{name}-{i}.wav"
                 path.write_bytes(make_tone_wav(SONG_S, 330.0 + 55.0 * i, f"latency {i}"))
                 loaded = _ok(client.load_song(path), f"load {path.name}")
                 songs.append(loaded["params"]["song"])
@@ -152,6 +161,7 @@ def cluster_latency(url: str, workdir: Path, nodes: int, runs: int) -> dict[str,
     unclean = {n: c for n, c in codes.items() if c != 0}
     return {
         "nodes": nodes,
+        "signed": signed,
         "ready_s": round(ready_s, 2),
         "verbs": {v: summary_ms(samples[v]) for v in (*VERBS, DIAGNOSTIC)},
         "failures": {v: len(f) for v, f in failures.items()},
@@ -160,12 +170,38 @@ def cluster_latency(url: str, workdir: Path, nodes: int, runs: int) -> dict[str,
     }
 
 
+def signing_cost(clusters: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per size and command, p50 and p99 with the key over without (sizes run both ways)."""
+    by = {(c["nodes"], c["signed"]): c for c in clusters}
+    out: dict[str, dict[str, Any]] = {}
+    for (nodes, signed), c in sorted(by.items()):
+        plain = by.get((nodes, False))
+        if not signed or plain is None:
+            continue
+        for verb in VERBS:
+            s, u = c["verbs"][verb], plain["verbs"][verb]
+            p50 = s["p50_ms"] / u["p50_ms"]
+            out[f"{nodes}:{verb}"] = {
+                "p50_ratio": round(p50, 3),
+                "p99_ratio": round(s["p99_ms"] / u["p99_ms"], 3),
+                "met": "yes" if p50 <= SIGNING_TARGET else "NO",
+            }
+    return out
+
+
 def main() -> int:
     p = common.arg_parser(__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=200, help="timed runs per command (default 200)")
     p.add_argument("--nodes", default="3,5", help="cluster sizes, comma separated (default 3,5)")
+    p.add_argument(
+        "--signing",
+        choices=("on", "off", "both"),
+        default="both",
+        help="clusters with a key, without, or each size both ways (default both)",
+    )
     args = p.parse_args()
     sizes = [int(n) for n in args.nodes.split(",")]
+    modes = {"on": [True], "off": [False], "both": [False, True]}[args.signing]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="nsync-bench-") as tmp:
         workdir = Path(tmp)
@@ -173,7 +209,11 @@ def main() -> int:
             version = b.version()
             before = common.conditions()
             first = broker_round_trips(b.url, args.runs)
-            clusters = [cluster_latency(b.url, workdir, n, args.runs) for n in sizes]
+            clusters = [
+                cluster_latency(b.url, workdir, n, args.runs, signed)
+                for n in sizes
+                for signed in modes
+            ]
             last = broker_round_trips(b.url, args.runs)
             after = common.conditions()
     # the baseline is measured before and after the clusters; both halves pooled
@@ -190,14 +230,15 @@ def main() -> int:
     ]  # fmt: skip
     verdicts = {}
     for c in clusters:
+        setup = f"{c['nodes']} nodes, {'signed' if c['signed'] else 'no key'}"
         for verb in VERBS:
             s = c["verbs"][verb]
             ratio = s["p50_ms"] / echo_p50
             ok = ratio <= TARGET_RATIO and s["p99_ms"] <= TARGET_P99_MS and not c["failures"][verb]
-            verdicts[f"{c['nodes']}:{verb}"] = ok
+            verdicts[f"{setup}:{verb}"] = ok
             rows.append(
                 [
-                    f"{c['nodes']} nodes",
+                    setup,
                     verb,
                     s["p50_ms"],
                     s["p99_ms"],
@@ -208,7 +249,7 @@ def main() -> int:
             )
         s = c["verbs"][DIAGNOSTIC]
         rows.append(
-            [f"{c['nodes']} nodes", f"({DIAGNOSTIC}: no replication)", s["p50_ms"], s["p99_ms"],
+            [setup, f"({DIAGNOSTIC}: no replication)", s["p50_ms"], s["p99_ms"],
              round(s["p50_ms"] / echo_p50, 2), c["failures"][DIAGNOSTIC], ""]
         )  # fmt: skip
     headers = ["setup", "command", "p50 ms", "p99 ms", "p50/echo", "failed", "target met"]
@@ -216,6 +257,11 @@ def main() -> int:
     print(f"machine load before {before}, after {after}")
     print(table(headers, rows))
     print(f"target: p50 <= {TARGET_RATIO:g}x echo p50, p99 <= {TARGET_P99_MS:g} ms; paper ~2400 ms")
+    signing = signing_cost(clusters)
+    if signing:
+        srows = [[k.split(":")[0], k.split(":")[1], *v.values()] for k, v in signing.items()]
+        print("what signing costs (same run): p50 and p99 with the key over without")
+        print(table(["nodes", "command", "p50 ratio", "p99 ratio", "target met"], srows))
     doc = {
         "bench": "latency",
         "command": f".venv/bin/python bench/bench_latency.py --broker {args.broker} "
@@ -236,9 +282,12 @@ def main() -> int:
         "target": {"p50_over_echo_max": TARGET_RATIO, "p99_ms_max": TARGET_P99_MS},
         "paper_ms": PAPER_MS,
         "target_met": verdicts,
+        "signing_cost": signing,
+        "signing_target": f"p50 with the key <= {SIGNING_TARGET:g}x without",
         "elapsed_s": round(time.monotonic() - started, 1),
     }
-    print(f"wrote {common.write_result('latency', args.broker, doc)}")
+    kind = "latency-signing" if args.signing == "both" else "latency"
+    print(f"wrote {common.write_result(kind, args.broker, doc)}")
     return 0
 
 
