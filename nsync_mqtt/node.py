@@ -121,7 +121,7 @@ class Node:
         self.opener: Opener | None = None
         if cfg.key_file is not None:
             key = read_key(cfg.key_file)
-            boot = next_boot(cfg.data_dir / "boot")
+            boot = next_boot(cfg.data_dir / "boot", time.time())
             self.sealer = Sealer(key, cfg.cluster, cfg.id, boot)
             self.opener = Opener(key, cfg.cluster, cfg.id, set(cfg.peers))
         self._internal = self.topics.internal("")

@@ -20,7 +20,7 @@ peer (its own messages it drops quietly), the MAC is right, and the (boot, seq) 
 sender's current boot with a sequence number not seen in the last :data:`WINDOW` (duplicates of
 a QoS 1 redelivery and replays fail here), or a later boot (the peer restarted). An earlier or
 different boot is taken only once the current one has been silent for :data:`REBOOT_SILENCE_S`
-(a peer that lost its data directory starts counting again). Everything refused is counted by
+(a peer that lost its data directory and whose clock is wrong starts counting lower again). Everything refused is counted by
 reason (:attr:`Opener.rejected`), never logged one by one.
 """
 
@@ -222,13 +222,20 @@ def write_key(path: Path, force: bool = False) -> None:
         f.write(secrets.token_hex(KEY_BYTES) + "\n")
 
 
-def next_boot(path: Path) -> Boot:
-    """This run's boot: the counter in ``path`` plus one, written (and synced) before use."""
+def next_boot(path: Path, wall_s: float) -> Boot:
+    """This run's boot: the counter in ``path`` plus one, or the wall clock's whole seconds if
+    that is larger; written (and synced) before use.
+
+    The file alone orders a node's runs on a box without a real-time clock; the wall-clock floor
+    keeps a node whose data directory was wiped ahead of its earlier runs whenever its clock is
+    right (NTP, fake-hwclock), so its peers believe it at once instead of after
+    :data:`REBOOT_SILENCE_S`. A clock that is wrong only costs that wait.
+    """
     try:
         counter = int(path.read_text().strip() or 0)
     except (OSError, ValueError):
         counter = 0
-    counter += 1
+    counter = max(counter + 1, int(wall_s) if 0 < wall_s < 10**19 else 0)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
         f.write(f"{counter}\n")

@@ -224,8 +224,19 @@ def test_a_key_open_to_others_or_malformed_is_refused(tmp_path) -> None:  # type
 
 def test_boot_counter_grows_across_starts(tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "boot"
-    first, second = next_boot(path), next_boot(path)
+    first, second = next_boot(path, 0.0), next_boot(path, 0.0)
     assert (first.counter, second.counter) == (1, 2)
     assert first.tag != second.tag
     path.write_text("garbage")
-    assert next_boot(path).counter == 1
+    assert next_boot(path, 0.0).counter == 1
+
+
+def test_boot_counter_follows_the_wall_clock_when_it_is_ahead(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "boot"
+    assert next_boot(path, 1_800_000_000.7).counter == 1_800_000_000
+    # the same second again, or a clock set back (no RTC, no network yet): still one more
+    assert next_boot(path, 1_800_000_000.9).counter == 1_800_000_001
+    assert next_boot(path, 5.0).counter == 1_800_000_002
+    # the data directory wiped: a right clock still puts this run after the earlier ones
+    path.unlink()
+    assert next_boot(path, 1_800_000_100.0).counter == 1_800_000_100
