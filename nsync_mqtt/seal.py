@@ -20,8 +20,8 @@ peer (its own messages it drops quietly), the MAC is right, and the (boot, seq) 
 sender's current boot with a sequence number not seen in the last :data:`WINDOW` (duplicates of
 a QoS 1 redelivery and replays fail here), or a later boot (the peer restarted). An earlier or
 different boot is taken only once the current one has been silent for :data:`REBOOT_SILENCE_S`
-(a peer that lost its data directory and whose clock is wrong starts counting lower again). Everything refused is counted by
-reason (:attr:`Opener.rejected`), never logged one by one.
+(a peer that lost its data directory and whose clock is wrong starts counting lower again).
+Everything refused is counted by reason (:attr:`Opener.rejected`), never logged one by one.
 """
 
 from __future__ import annotations
