@@ -1,9 +1,18 @@
 """The embedded MQTT broker (amqtt), for households without a broker of their own.
 
 Password file format: one user per line, ``user:hash``, where ``hash`` is an argon2 string as
-made by :func:`hash_password` (``$argon2id$v=19$m=2048,t=1,p=1$...``). Blank lines and lines
-starting with ``#`` are ignored. Without a password file every client may connect; with one,
-clients must log in with a listed user and its password.
+made by :func:`hash_password` (``$argon2id$v=19$m=19456,t=2,p=1$...``). Blank lines and lines
+starting with ``#`` are ignored. Without a password file every client may connect (the broker
+then listens on a loopback address only: :func:`check_exposure`); with one, clients must log in
+with a listed user and its password. Passwords are checked on a worker thread, two at a time,
+with argon2 at OWASP's minimum cost or above (a weaker hash in the file is used, with a
+warning); a failed login is answered after :data:`FAIL_DELAY_S`.
+
+Who may publish, subscribe to and receive which topic is an ACL in Mosquitto's ``acl_file``
+format (nsync_mqtt.acl), checked on every publish, subscription and delivery, and on the
+retained messages a new subscription gets. A node's embedded broker with a password file and
+no ACL file uses :func:`nsync_mqtt.acl.default_acl`: the cluster's node ids are users with
+every right; any other user may send commands and uploads and read what the cluster publishes.
 
 Broker settings and why:
 - only our own plugins are loaded (amqtt replaces its defaults when ``plugins`` is given): no
@@ -33,27 +42,40 @@ import concurrent.futures
 import contextlib
 import errno
 import logging
+import re
+import secrets
 import signal
 import socket
 import sys
 import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import amqtt
 from amqtt.broker import Broker
+from amqtt.contexts import Action
 from amqtt.errors import AMQTTError
-from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 from pwdlib.hashers.argon2 import Argon2Hasher
 
-from nsync_mqtt.errors import BrokerError
+from nsync_mqtt.acl import Acl, default_acl, parse_acl
+from nsync_mqtt.config import check_exposure
+from nsync_mqtt.errors import BrokerError, ConfigError
+from nsync_mqtt.guard import decade
 
-# argon2 cost for password hashes: the broker verifies the hash synchronously on every CONNECT,
-# and argon2's default cost (64 MiB, 3 passes) stalls the whole broker ~150 ms per connection.
-# 2 MiB and one pass cost about a millisecond on a PC and a few on a Raspberry Pi.
-HASH_TIME_COST = 1
-HASH_MEMORY_COST_KIB = 2048
+# argon2id cost of new password hashes: OWASP's Password Storage Cheat Sheet minimum (19 MiB,
+# 2 passes, 1 lane). A check takes ~40 ms of one core on a PC and a few hundred on a Raspberry
+# Pi, on a worker thread: the broker goes on serving everyone else meanwhile.
+HASH_TIME_COST = 2
+HASH_MEMORY_COST_KIB = 19456
+# OWASP's equivalent minimums (memory KiB, passes); a stored hash below all of them is weak
+OWASP_ARGON2_MINIMUMS = ((47104, 1), (19456, 2), (12288, 3), (9216, 4), (7168, 5))
+VERIFY_AT_ONCE = 2  # password checks running together (each takes its hash's memory)
+FAIL_DELAY_S = 0.5  # a failed login is answered this late: guessing costs time
+_ARGON2_RE = re.compile(r"\$argon2(?:id|i|d)\$v=\d+\$m=(\d+),t=(\d+),p=(\d+)\$")
 
 _QUIET_LOGGERS = ("amqtt", "transitions")
 AMQTT_VERSION = "0.12.1"  # the release _Broker's fix is written against
@@ -71,16 +93,35 @@ def _drop_probe_noise(record: logging.LogRecord) -> bool:
 
 class _Broker(Broker):
     """amqtt's broker, but a (re)connecting client gets the retained messages of its own
-    subscriptions only (a persistent session's; a clean session has none yet)."""
+    subscriptions only (a persistent session's; a clean session has none yet), and only those
+    the ACL lets it receive."""
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
     ) -> None:
         # Called for a subscription the client has just made (it is in the table by then) and,
         # at CONNECT, for every filter in the table, whoever subscribed to it.
-        subscribers = self._subscriptions.get(subscription[0], ())
-        if any(s.client_id == session.client_id for s, _ in subscribers):
-            await super()._publish_retained_messages_for_subscription(subscription, session)
+        topic_filter, qos = subscription
+        subscribers = self._subscriptions.get(topic_filter, ())
+        if not any(s.client_id == session.client_id for s, _ in subscribers):
+            return
+        sends = []
+        for topic, retained in list(self._retained_messages.items()):
+            # what the client may not receive (the ACL), it does not get retained either
+            if not self._matches(topic, topic_filter) or not await self._topic_filtering(
+                session, topic, Action.RECEIVE
+            ):
+                continue
+            handler = self._get_handler(session)
+            if handler is not None:
+                q = min(qos, retained.qos or qos)
+                sends.append(
+                    asyncio.ensure_future(
+                        handler.mqtt_publish(retained.topic, retained.data, q, retain=True)
+                    )
+                )
+        if sends:
+            await asyncio.wait(sends)
 
 
 class AllowAllAuthPlugin(BaseAuthPlugin):
@@ -94,6 +135,119 @@ def hash_password(password: str) -> str:
     """Return the argon2 hash of ``password`` for a ``user:hash`` line of the password file."""
     hasher = Argon2Hasher(time_cost=HASH_TIME_COST, memory_cost=HASH_MEMORY_COST_KIB, parallelism=1)
     return hasher.hash(password)
+
+
+def weak_hash(hashed: str) -> bool:
+    """Is this argon2 hash cheaper than every one of OWASP's minimums (or not argon2 at all)?"""
+    m = _ARGON2_RE.match(hashed)
+    if m is None:
+        return True
+    memory, passes = int(m.group(1)), int(m.group(2))
+    return not any(memory >= mm and passes >= tt for mm, tt in OWASP_ARGON2_MINIMUMS)
+
+
+def parse_password_file(text: str, source: str) -> dict[str, str]:
+    """``user:argon2-hash`` lines to {user: hash}; ConfigError naming the line otherwise."""
+    users: dict[str, str] = {}
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, hashed = line.partition(":")
+        if not sep or not user or _ARGON2_RE.match(hashed) is None:
+            raise ConfigError(
+                f"{source} line {n}: expected user:argon2-hash (add users with "
+                f"`nsync broker --password-file {source} --add-user NAME`)"
+            )
+        users[user] = hashed
+    return users
+
+
+class PasswordAuthPlugin(BaseAuthPlugin):
+    """Logins checked against an argon2 password file, on a worker thread (module doc)."""
+
+    @dataclass
+    class Config:
+        password_file: str = ""
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        path = Path(self.config.password_file)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise BrokerError(f"cannot read the password file {path}: {err.strerror}") from err
+        self._users = parse_password_file(text, str(path))
+        weak = sorted(u for u, h in self._users.items() if weak_hash(h))
+        if weak:
+            log.warning(
+                "%s: the password hashes of %s are cheaper than OWASP's minimum; add those "
+                "users again (nsync broker --password-file %s --add-user NAME)",
+                path,
+                ", ".join(weak),
+                path,
+            )
+        self._hasher = Argon2Hasher()
+        # checked against when the user is unknown, so that a login takes as long either way
+        self._decoy = hash_password(secrets.token_hex(16))
+        self._at_once = asyncio.Semaphore(VERIFY_AT_ONCE)
+        self.refused = 0
+
+    def _verify(self, password: str, hashed: str) -> bool:
+        try:
+            return self._hasher.verify(password, hashed)
+        except Exception:  # a corrupt hash: no login
+            return False
+
+    async def authenticate(self, *, session: Session) -> bool:
+        user, password = session.username or "", session.password or ""
+        hashed = self._users.get(user)
+        async with self._at_once:
+            loop = asyncio.get_running_loop()
+            ok = await loop.run_in_executor(None, self._verify, password, hashed or self._decoy)
+        if ok and hashed is not None:
+            return True
+        self.refused += 1
+        if decade(self.refused):
+            log.warning("embedded broker: refused a login as %r (%d so far)", user, self.refused)
+        await asyncio.sleep(FAIL_DELAY_S)
+        return False
+
+
+ACTIONS = {Action.PUBLISH: "write", Action.SUBSCRIBE: "subscribe", Action.RECEIVE: "read"}
+
+
+class AclTopicPlugin(BaseTopicPlugin):
+    """Every publish, subscription and delivery checked against an ACL (nsync_mqtt.acl)."""
+
+    @dataclass
+    class Config:
+        acl_file: str = ""
+        cluster: str = ""  # with nodes: the default ACL, when there is no acl_file
+        nodes: list[str] = field(default_factory=list)
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self.acl: Acl
+        if self.config.acl_file:
+            path = Path(self.config.acl_file)
+            try:
+                self.acl = parse_acl(path.read_text(), str(path))
+            except OSError as err:
+                raise BrokerError(f"cannot read the ACL file {path}: {err.strerror}") from err
+        else:
+            self.acl = default_acl(self.config.cluster, self.config.nodes)
+
+    async def topic_filtering(
+        self,
+        *,
+        session: Session | None = None,
+        topic: str | None = None,
+        action: Action | None = None,
+    ) -> bool:
+        if session is None or topic is None or action not in ACTIONS:
+            return False
+        return self.acl.allows(session.username, session.client_id or "", ACTIONS[action], topic)
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -124,11 +278,29 @@ class EmbeddedBroker:
     """
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 1883, password_file: Path | None = None
+        self,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        password_file: Path | None = None,
+        acl_file: Path | None = None,
+        cluster: str | None = None,
+        nodes: Iterable[str] = (),
     ) -> None:
+        """``acl_file``: who may use which topic (needs ``password_file``: without logins any
+        client could claim any user name). Without one but with a password file and a
+        ``cluster``, the default ACL for the cluster's ``nodes`` applies; without either, every
+        logged-in user may use every topic."""
+        if acl_file is not None and password_file is None:
+            raise ConfigError(
+                "an ACL file needs a password file: without logins any client may claim any "
+                "user name"
+            )
         self.host = host
         self.port = port
         self.password_file = password_file
+        self.acl_file = acl_file
+        self.cluster = cluster
+        self.nodes = list(nodes)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
@@ -139,19 +311,22 @@ class EmbeddedBroker:
         return f"mqtt://{host}:{self.port}"
 
     def _config(self) -> dict[str, Any]:
-        auth: dict[str, Any]
+        plugins: dict[str, Any]
         if self.password_file is None:
-            auth = {f"{__name__}.AllowAllAuthPlugin": {}}
+            plugins = {f"{__name__}.AllowAllAuthPlugin": {}}
         else:
-            auth = {
-                "amqtt.plugins.authentication.FileAuthPlugin": {
-                    "password_file": str(self.password_file)
+            plugins = {f"{__name__}.PasswordAuthPlugin": {"password_file": str(self.password_file)}}
+            if self.acl_file is not None:
+                plugins[f"{__name__}.AclTopicPlugin"] = {"acl_file": str(self.acl_file)}
+            elif self.cluster:
+                plugins[f"{__name__}.AclTopicPlugin"] = {
+                    "cluster": self.cluster,
+                    "nodes": self.nodes,
                 }
-            }
         host = f"[{self.host}]" if ":" in self.host else self.host
         return {
             "listeners": {"default": {"type": "tcp", "bind": f"{host}:{self.port}"}},
-            "plugins": auth,
+            "plugins": plugins,
         }
 
     async def start(self) -> None:
@@ -164,6 +339,9 @@ class EmbeddedBroker:
         logging.getLogger("amqtt.broker").addFilter(_drop_probe_noise)
         if self.password_file is not None and not self.password_file.is_file():
             raise BrokerError(f"password file {self.password_file} not found")
+        if self.acl_file is not None and not self.acl_file.is_file():
+            raise BrokerError(f"ACL file {self.acl_file} not found")
+        check_exposure("listen", self.host, self.password_file)
         _check_port_free(self.host, self.port)
         if amqtt.__version__ != AMQTT_VERSION:
             log.warning(
@@ -218,6 +396,8 @@ class EmbeddedBroker:
             broker = _Broker(self._config())
         except Exception as err:  # plugin or config failures surface as assorted types
             cause = err.__cause__ or err
+            if isinstance(cause, (BrokerError, ConfigError)):
+                raise BrokerError(str(cause)) from err
             raise BrokerError(f"cannot configure the embedded broker: {cause}") from err
         try:
             await broker.start()
@@ -252,8 +432,8 @@ def _close_connections(broker: Broker) -> None:
             transport.close()
 
 
-async def _serve(host: str, port: int, password_file: Path | None) -> None:
-    broker = EmbeddedBroker(host, port, password_file)
+async def _serve(host: str, port: int, password_file: Path | None, acl_file: Path | None) -> None:
+    broker = EmbeddedBroker(host, port, password_file, acl_file)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # before the port opens: a stop is never lost
@@ -269,11 +449,13 @@ async def _serve(host: str, port: int, password_file: Path | None) -> None:
         await broker.stop()
 
 
-def run_broker(host: str, port: int, password_file: Path | None) -> int:
+def run_broker(
+    host: str, port: int, password_file: Path | None, acl_file: Path | None = None
+) -> int:
     """Run the embedded broker until SIGINT or SIGTERM; return the process exit code."""
     try:
-        asyncio.run(_serve(host, port, password_file))
-    except BrokerError as err:
+        asyncio.run(_serve(host, port, password_file, acl_file))
+    except (BrokerError, ConfigError) as err:
         print(f"nsync broker: {err}", file=sys.stderr)
         return 1
     return 0

@@ -50,6 +50,12 @@ def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="user:argon2-hash lines for the embedded broker (see nsync_mqtt.broker_embed)",
     )
     p.add_argument(
+        "--embed-broker-acl-file",
+        metavar="FILE",
+        help="who may use which topic on the embedded broker (Mosquitto acl_file format; "
+        "default: node ids may do anything, other users send commands and read state)",
+    )
+    p.add_argument(
         "--key-file",
         metavar="FILE",
         help="the cluster key (nsync keygen FILE): internal messages are signed with it",
@@ -89,8 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     _node_parser(sub)
     b = sub.add_parser("broker", help="run an embedded MQTT broker")
     b.add_argument("--listen", default="127.0.0.1:1883", metavar="HOST:PORT")
-    b.add_argument("--config", help="YAML file with listen and password_file")
+    b.add_argument("--config", help="YAML file with listen, password_file and acl_file")
     b.add_argument("--password-file", help="user:argon2-hash lines; anonymous clients refused")
+    b.add_argument(
+        "--acl-file",
+        help="who may use which topic (Mosquitto acl_file format; needs --password-file)",
+    )
     b.add_argument(
         "--add-user",
         metavar="USER",
@@ -191,6 +201,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
         "broker": args.broker,
         "embed_broker": args.embed_broker,
         "embed_broker_password_file": args.embed_broker_password_file,
+        "embed_broker_acl_file": args.embed_broker_acl_file,
         "key_file": args.key_file,
         "data_dir": args.data_dir,
         "sink": args.sink,
@@ -209,21 +220,28 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
 def _cmd_broker(args: argparse.Namespace) -> int:
     from nsync_mqtt.broker_embed import run_broker
-    from nsync_mqtt.config import _load_yaml, parse_host_port
+    from nsync_mqtt.config import _load_yaml, check_exposure, parse_host_port
 
-    listen, pw = args.listen, args.password_file
+    listen, pw, acl = args.listen, args.password_file, args.acl_file
     if args.config:
         raw = _load_yaml(Path(args.config))
         for key in raw:
-            if key not in ("listen", "password_file"):
+            if key not in ("listen", "password_file", "acl_file"):
                 raise ConfigError(f"{key}: unknown key in {args.config}")
         listen = raw.get("listen", listen)
         pw = pw or raw.get("password_file")
+        acl = acl or raw.get("acl_file")
     if args.add_user:
         return _add_user(args.add_user, pw)
     host, port = parse_host_port("listen", listen)
+    check_exposure("listen", host, pw or None)
+    if acl and not pw:
+        raise ConfigError(
+            "acl_file: an ACL needs a password file too: without logins any client may claim "
+            "any user name"
+        )
     _setup_logging(False)
-    return run_broker(host, port, Path(pw) if pw else None)
+    return run_broker(host, port, Path(pw) if pw else None, Path(acl) if acl else None)
 
 
 def _add_user(user: str, password_file: str | None) -> int:

@@ -7,6 +7,7 @@ file. Every error is one line naming the key.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import socket
@@ -31,6 +32,7 @@ class NodeConfig:
     broker: tuple[str, ...] = ("mqtt://127.0.0.1:1883",)
     embed_broker: str | None = None
     embed_broker_password_file: Path | None = None
+    embed_broker_acl_file: Path | None = None  # default: nsync_mqtt.acl.default_acl
     key_file: Path | None = None  # the cluster key: internal messages are signed with it
     data_dir: Path = Path("nsync-data")
     sink: str = "auto"
@@ -181,6 +183,16 @@ def load_node_config(config_file: str | None, overrides: dict[str, Any]) -> Node
     pw_file = raw.get("embed_broker_password_file")
     if pw_file is not None and not isinstance(pw_file, str):
         raise ConfigError(f"embed_broker_password_file: must be a file path, got {pw_file!r}")
+    acl_file = raw.get("embed_broker_acl_file")
+    if acl_file is not None and not isinstance(acl_file, str):
+        raise ConfigError(f"embed_broker_acl_file: must be a file path, got {acl_file!r}")
+    if embed is not None:
+        check_exposure("embed_broker", parse_host_port("embed_broker", embed)[0], pw_file or None)
+        if acl_file and not pw_file:
+            raise ConfigError(
+                "embed_broker_acl_file: an ACL needs embed_broker_password_file too: without "
+                "logins any client may claim any user name"
+            )
     key_file = raw.get("key_file")
     if key_file is not None and not isinstance(key_file, str):
         raise ConfigError(f"key_file: must be a file path, got {key_file!r}")
@@ -201,6 +213,7 @@ def load_node_config(config_file: str | None, overrides: dict[str, Any]) -> Node
         broker=tuple(brokers),
         embed_broker=embed,
         embed_broker_password_file=Path(pw_file) if pw_file else None,
+        embed_broker_acl_file=Path(acl_file) if acl_file else None,
         key_file=Path(os.path.expanduser(key_file)) if key_file else None,
         data_dir=Path(os.path.expanduser(str(raw.get("data_dir", f"nsync-data/{node_id}")))),
         sink=sink,
@@ -220,6 +233,26 @@ def load_node_config(config_file: str | None, overrides: dict[str, Any]) -> Node
         ),
         timing=build_timing(raw.get("timing")),
     )
+
+
+def is_loopback(host: str) -> bool:
+    """Does ``host`` (an address or name) only reach this machine?"""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(key: str, host: str, password_file: Path | str | None) -> None:
+    """ConfigError if a broker would listen beyond this machine without a password file."""
+    if password_file is None and not is_loopback(host):
+        raise ConfigError(
+            f"{key}: a broker listening on {host} is open to the whole network; give it a "
+            "password file (add users with `nsync broker --password-file FILE --add-user "
+            "NAME`), or listen on 127.0.0.1"
+        )
 
 
 def parse_host_port(key: str, value: Any) -> tuple[str, int]:

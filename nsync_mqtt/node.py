@@ -179,7 +179,14 @@ class Node:
         self.sink.faults = self.faults
         if self.cfg.embed_broker:
             host, port = parse_host_port("embed_broker", self.cfg.embed_broker)
-            self.broker = EmbeddedBroker(host, port, self.cfg.embed_broker_password_file)
+            self.broker = EmbeddedBroker(
+                host,
+                port,
+                self.cfg.embed_broker_password_file,
+                self.cfg.embed_broker_acl_file,
+                cluster=self.cfg.cluster,
+                nodes=self.cfg.peers,
+            )
             await self.broker.start()
         t = self.topics
         internal = [
