@@ -160,6 +160,24 @@ def test_a_speaker_schedules_its_sink_only_after_calibration(net: Net) -> None:
     assert plans[-1].speed == 1.0 + b.est.rate_ppm * 1e-6
 
 
+def test_only_a_pong_answering_one_of_this_nodes_pings_is_a_clock_sample(net: Net) -> None:
+    """A pong must answer a ping this node sent, once: a forged one (a ping never sent), a
+    duplicate and a late answer to a forgotten ping are counted, not used."""
+    a, b = net.nodes["a"], net.nodes["b"]
+    net.now += 0.01
+    (p,) = b.ping(net.now).out
+    real = a.step(net.now + 0.0005, p.payload, rx=net.now + 0.0005).out[0].payload
+    forged = json.loads(real)
+    forged["t1"] += 0.123  # answers a ping b never sent
+    forged["t2"] += 5.0  # would pull b's clock 5 s
+    b.step(net.now + 0.001, json.dumps(forged).encode(), rx=net.now + 0.001)
+    assert b.stray_pongs == 1 and b.est.stats()["samples"] == 0
+    b.step(net.now + 0.001, real, rx=net.now + 0.001)
+    assert b.stray_pongs == 1 and b.est.stats()["samples"] == 1
+    b.step(net.now + 0.002, real, rx=net.now + 0.002)  # the broker's duplicate
+    assert b.stray_pongs == 2 and b.est.stats()["samples"] == 1
+
+
 def test_a_higher_term_deposes_the_master_and_its_waiting_clients_hear_it(net: Net) -> None:
     a = net.nodes["a"]
     net.held = {"b", "c"}
