@@ -14,8 +14,10 @@ own subscription (one hop there and back through the broker) is measured too, fo
 Both run ``--runs`` times before the clusters start and again after they stop; the two halves
 are pooled, so a change in the machine's load during the run shows in both sides.
 
-``--signing both`` (the default) runs each cluster size twice in the same run, without and with
-a cluster key (every internal message signed), and prints what signing costs per command:
+``--signing both`` (the default) runs each cluster size four times in the same run, without,
+with, with and without a cluster key (every internal message signed; the ABBA order cancels a
+drift in the machine's load), pools the two runs of each kind, and prints what signing costs per
+command:
 
     .venv/bin/python bench/bench_latency.py --broker mosquitto --runs 200 --signing both
 """
@@ -111,6 +113,7 @@ def cluster_latency(
     url: str, workdir: Path, nodes: int, runs: int, signed: bool = True
 ) -> dict[str, Any]:
     name = f"n{nodes}-{'signed' if signed else 'unsigned'}"
+    workdir.mkdir(parents=True, exist_ok=True)
     cluster = NodeCluster.of(
         url, workdir / name, n=nodes, cluster=f"b{uuid.uuid4().hex[:8]}", signed=signed
     )
@@ -164,10 +167,56 @@ def cluster_latency(
         "signed": signed,
         "ready_s": round(ready_s, 2),
         "verbs": {v: summary_ms(samples[v]) for v in (*VERBS, DIAGNOSTIC)},
+        "samples": samples,  # pooled by pool(), then dropped
         "failures": {v: len(f) for v, f in failures.items()},
         "failure_examples": {v: f[:3] for v, f in failures.items() if f},
         "unclean_exits": unclean,
     }
+
+
+def seal_cost_us(n: int = 20000) -> dict[str, float]:
+    """Microseconds to sign and to check one op-sized internal message, in this process."""
+    from nsync_mqtt.seal import Boot, Opener, Sealer
+
+    key = bytes(range(32))
+    sealer = Sealer(key, "home", "a", Boot.new(1))
+    opener = Opener(key, "home", "b", {"a", "b", "c"})
+    body = b'{"v":1,"t":"op","src":"a","term":3,"index":1234,"op":{"kind":"play","at":1.7e9}}'
+    topic = "nsync/home/internal/op"
+    t0 = time.perf_counter()
+    sealed = [sealer.seal(topic, body) for _ in range(n)]
+    t1 = time.perf_counter()
+    opened = sum(opener.open(0.0, topic, m) is not None for m in sealed)
+    t2 = time.perf_counter()
+    assert opened == n
+    return {
+        "seal_us": round((t1 - t0) / n * 1e6, 2),
+        "open_us": round((t2 - t1) / n * 1e6, 2),
+        "header_bytes": len(sealed[0]) - len(body),
+    }
+
+
+def pool(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One result per (size, signed): the samples of its runs pooled, failures added up."""
+    out: dict[tuple[int, bool], dict[str, Any]] = {}
+    for r in runs:
+        key = (r["nodes"], r["signed"])
+        if key not in out:
+            out[key] = {**r, "samples": {v: list(x) for v, x in r["samples"].items()}, "runs": 1}
+            out[key]["failures"] = dict(r["failures"])
+            out[key]["unclean_exits"] = dict(r["unclean_exits"])
+            continue
+        o = out[key]
+        o["runs"] += 1
+        for v, x in r["samples"].items():
+            o["samples"][v] += x
+        for v, n in r["failures"].items():
+            o["failures"][v] += n
+        o["unclean_exits"].update(r["unclean_exits"])
+        o["ready_s"] = max(o["ready_s"], r["ready_s"])
+    for o in out.values():
+        o["verbs"] = {v: summary_ms(x) for v, x in o.pop("samples").items()}
+    return list(out.values())
 
 
 def signing_cost(clusters: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -201,7 +250,7 @@ def main() -> int:
     )
     args = p.parse_args()
     sizes = [int(n) for n in args.nodes.split(",")]
-    modes = {"on": [True], "off": [False], "both": [False, True]}[args.signing]
+    modes = {"on": [True], "off": [False], "both": [False, True, True, False]}[args.signing]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="nsync-bench-") as tmp:
         workdir = Path(tmp)
@@ -209,11 +258,13 @@ def main() -> int:
             version = b.version()
             before = common.conditions()
             first = broker_round_trips(b.url, args.runs)
-            clusters = [
-                cluster_latency(b.url, workdir, n, args.runs, signed)
-                for n in sizes
-                for signed in modes
-            ]
+            clusters = pool(
+                [
+                    cluster_latency(b.url, workdir / f"r{i}", n, args.runs, signed)
+                    for n in sizes
+                    for i, signed in enumerate(modes)
+                ]
+            )
             last = broker_round_trips(b.url, args.runs)
             after = common.conditions()
     # the baseline is measured before and after the clusters; both halves pooled
@@ -262,10 +313,15 @@ def main() -> int:
         srows = [[k.split(":")[0], k.split(":")[1], *v.values()] for k, v in signing.items()]
         print("what signing costs (same run): p50 and p99 with the key over without")
         print(table(["nodes", "command", "p50 ratio", "p99 ratio", "target met"], srows))
+    per_message = seal_cost_us()
+    print(
+        f"per internal message: sign {per_message['seal_us']} us, check "
+        f"{per_message['open_us']} us, {per_message['header_bytes']} bytes of header"
+    )
     doc = {
         "bench": "latency",
         "command": f".venv/bin/python bench/bench_latency.py --broker {args.broker} "
-        f"--runs {args.runs} --nodes {args.nodes}",
+        f"--runs {args.runs} --nodes {args.nodes} --signing {args.signing}",
         "date": common.now_iso(),
         "broker": args.broker,
         "broker_version": version,
@@ -283,6 +339,7 @@ def main() -> int:
         "paper_ms": PAPER_MS,
         "target_met": verdicts,
         "signing_cost": signing,
+        "signing_per_message": per_message,
         "signing_target": f"p50 with the key <= {SIGNING_TARGET:g}x without",
         "elapsed_s": round(time.monotonic() - started, 1),
     }
