@@ -8,6 +8,9 @@ with a listed user and its password. Passwords are checked on a worker thread, t
 with argon2 at OWASP's minimum cost or above (a weaker hash in the file is used, with a
 warning); a failed login is answered after :data:`FAIL_DELAY_S`.
 
+A packet over :data:`MAX_PACKET_BYTES` (a CONNECT over :data:`MAX_CONNECT_BYTES`) closes its
+connection as soon as its header is read, before its body is.
+
 Who may publish, subscribe to and receive which topic is an ACL in Mosquitto's ``acl_file``
 format (nsync_mqtt.acl), checked on every publish, subscription and delivery, and on the
 retained messages a new subscription gets. A node's embedded broker with a password file and
@@ -57,6 +60,7 @@ import amqtt
 from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError
+from amqtt.mqtt.packet import CONNECT, MQTTFixedHeader
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 from pwdlib.hashers.argon2 import Argon2Hasher
@@ -65,6 +69,7 @@ from nsync_mqtt.acl import Acl, default_acl, parse_acl
 from nsync_mqtt.config import check_exposure
 from nsync_mqtt.errors import BrokerError, ConfigError
 from nsync_mqtt.guard import decade
+from nsync_mqtt.replication import MAX_CHUNK_SIZE
 
 # argon2id cost of new password hashes: OWASP's Password Storage Cheat Sheet minimum (19 MiB,
 # 2 passes, 1 lane). A check takes ~40 ms of one core on a PC and a few hundred on a Raspberry
@@ -76,6 +81,13 @@ OWASP_ARGON2_MINIMUMS = ((47104, 1), (19456, 2), (12288, 3), (9216, 4), (7168, 5
 VERIFY_AT_ONCE = 2  # password checks running together (each takes its hash's memory)
 FAIL_DELAY_S = 0.5  # a failed login is answered this late: guessing costs time
 _ARGON2_RE = re.compile(r"\$argon2(?:id|i|d)\$v=\d+\$m=(\d+),t=(\d+),p=(\d+)\$")
+
+# The largest packet a client may send: a chunk frame of the largest chunk size, with room for
+# its topic and frame header. Larger ones close the connection before their bytes are read, so a
+# client cannot make the broker hold hundreds of MB. A CONNECT (sent before any login) may be
+# far smaller.
+MAX_PACKET_BYTES = MAX_CHUNK_SIZE + 64 * 1024
+MAX_CONNECT_BYTES = 64 * 1024
 
 _QUIET_LOGGERS = ("amqtt", "transitions")
 AMQTT_VERSION = "0.12.1"  # the release _Broker's fix is written against
@@ -89,6 +101,38 @@ def _drop_probe_noise(record: logging.LogRecord) -> bool:
     health check. Those are not errors."""
     msg = record.getMessage()
     return not (msg.startswith("No data from") or "No data to decode MQTT packet" in msg)
+
+
+class PacketTooLarge(Exception):
+    """A client sent a packet over MAX_PACKET_BYTES: its connection is closed."""
+
+
+_read_fixed_header = MQTTFixedHeader.from_stream.__func__
+
+
+async def _bounded_fixed_header(cls: type[MQTTFixedHeader], reader: Any) -> Any:
+    """amqtt's fixed-header decoder, refusing a remaining length over the limit before the
+    packet's body is read (amqtt 0.12.1 has no limit of its own; every packet the broker reads,
+    CONNECT included, starts here)."""
+    header = await _read_fixed_header(cls, reader)
+    if header is not None:
+        limit = MAX_CONNECT_BYTES if header.packet_type == CONNECT else MAX_PACKET_BYTES
+        if header.remaining_length > limit:
+            _oversize[0] += 1
+            if decade(_oversize[0]):
+                log.warning(
+                    "embedded broker: closed a connection that sent a %d-byte packet (over %d; "
+                    "%d so far)",
+                    header.remaining_length,
+                    limit,
+                    _oversize[0],
+                )
+            raise PacketTooLarge(f"{header.remaining_length} bytes")
+    return header
+
+
+_oversize = [0]  # packets refused for their size, in this process
+MQTTFixedHeader.from_stream = classmethod(_bounded_fixed_header)
 
 
 class _Broker(Broker):

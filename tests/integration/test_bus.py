@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -374,6 +375,89 @@ def test_hash_password_meets_owasps_argon2_minimum() -> None:
     assert not verifier.verify("wrong", hashed)
     cheap = Argon2Hasher(time_cost=1, memory_cost=2048, parallelism=1).hash("s3cret")
     assert weak_hash(cheap)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _mqtt_str(s: str) -> bytes:
+    return len(s).to_bytes(2, "big") + s.encode()
+
+
+def _connect_packet(client_id: str) -> bytes:
+    body = _mqtt_str("MQTT") + bytes([4, 2]) + (60).to_bytes(2, "big") + _mqtt_str(client_id)
+    return b"\x10" + _varint(len(body)) + body
+
+
+def _closed_by_peer(sock: socket.socket, timeout_s: float = 5.0) -> bool:
+    """Does the broker close this connection (rather than wait for the bytes announced)?"""
+    sock.settimeout(timeout_s)
+    try:
+        while chunk := sock.recv(4096):
+            if not chunk:
+                break
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_embedded_broker_closes_a_connection_announcing_an_oversized_packet(
+    unused_port: int,
+) -> None:
+    """A CONNECT over 64 KiB, or a PUBLISH over the largest chunk frame, is refused from its
+    header: the broker never reads (or holds) its body; normal-sized ones pass."""
+    from nsync_mqtt.broker_embed import MAX_CONNECT_BYTES, MAX_PACKET_BYTES
+
+    port = unused_port
+    got: list[int] = []
+    done = threading.Event()
+
+    async def main() -> None:
+        broker = EmbeddedBroker("127.0.0.1", port)
+        await broker.start()
+        try:
+            await asyncio.to_thread(exercise)
+        finally:
+            await broker.stop()
+
+    def exercise() -> None:
+        # a CONNECT announcing more than MAX_CONNECT_BYTES, before any login
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"\x10" + _varint(MAX_CONNECT_BYTES + 1) + b"\x00\x04MQTT")
+            assert _closed_by_peer(s), "an oversized CONNECT was waited for"
+        # a subscriber, to see what gets through
+        sub = new_paho_client("oversize-sub", parse_broker_url(f"mqtt://127.0.0.1:{port}"))
+        sub.on_message = lambda c, u, m: (got.append(len(m.payload)), done.set())
+        sub.on_connect = lambda c, *a: c.subscribe("big/#", 0)
+        sub.connect("127.0.0.1", port)
+        sub.loop_start()
+        try:
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(_connect_packet("oversize-pub"))
+                s.settimeout(5)
+                assert s.recv(4)[:1] == b"\x20"  # CONNACK
+                time.sleep(0.3)  # the subscription is in place
+                payload = b"x" * (1 << 20)
+                body = _mqtt_str("big/ok") + payload
+                s.sendall(b"\x30" + _varint(len(body)) + body)
+                assert done.wait(5), "a 1 MiB publish did not get through"
+                header = b"\x30" + _varint(MAX_PACKET_BYTES + 1) + _mqtt_str("big/no")
+                s.sendall(header + b"x" * 1000)
+                assert _closed_by_peer(s), "an oversized PUBLISH was waited for"
+        finally:
+            sub.loop_stop()
+            sub.disconnect()
+        assert got == [1 << 20]
+
+    run(main(), timeout_s=40.0)
 
 
 def test_embedded_broker_refuses_a_taken_port(unused_port: int) -> None:
