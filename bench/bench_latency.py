@@ -14,10 +14,9 @@ own subscription (one hop there and back through the broker) is measured too, fo
 Both run ``--runs`` times before the clusters start and again after they stop; the two halves
 are pooled, so a change in the machine's load during the run shows in both sides.
 
-``--signing both`` (the default) runs each cluster size four times in the same run, without,
-with, with and without a cluster key (every internal message signed; the ABBA order cancels a
-drift in the machine's load), pools the two runs of each kind, and prints what signing costs per
-command:
+``--signing both`` (the default) runs each cluster size twice at once, without and with a cluster
+key (every internal message signed), the two taking turns command by command, and prints what
+signing costs per command:
 
     .venv/bin/python bench/bench_latency.py --broker mosquitto --runs 200 --signing both
 """
@@ -110,68 +109,92 @@ def _ok(reply: dict[str, Any], what: str) -> dict[str, Any]:
 
 
 def cluster_latency(
-    url: str, workdir: Path, nodes: int, runs: int, signed: bool = True
-) -> dict[str, Any]:
-    name = f"n{nodes}-{'signed' if signed else 'unsigned'}"
+    url: str, workdir: Path, nodes: int, runs: int, kinds: list[bool]
+) -> list[dict[str, Any]]:
+    """Time every command on one cluster per entry of ``kinds`` (signed or not), all running at
+    once and taking turns command by command (which goes first alternates for every verb), so
+    that whatever else the machine does falls on each of them alike."""
     workdir.mkdir(parents=True, exist_ok=True)
-    cluster = NodeCluster.of(
-        url, workdir / name, n=nodes, cluster=f"b{uuid.uuid4().hex[:8]}", signed=signed
-    )
-    samples: dict[str, list[float]] = {v: [] for v in (*VERBS, DIAGNOSTIC)}
-    failures: dict[str, list[str]] = {v: [] for v in (*VERBS, DIAGNOSTIC)}
-    cluster.start()
+    names = [f"n{nodes}-{'signed' if signed else 'unsigned'}" for signed in kinds]
+    clusters = [
+        NodeCluster.of(
+            url, workdir / name, n=nodes, cluster=f"b{uuid.uuid4().hex[:8]}", signed=signed
+        )
+        for name, signed in zip(names, kinds, strict=True)
+    ]
+    samples: list[dict[str, list[float]]] = [{v: [] for v in (*VERBS, DIAGNOSTIC)} for _ in kinds]
+    failures: list[dict[str, list[str]]] = [{v: [] for v in (*VERBS, DIAGNOSTIC)} for _ in kinds]
+    ready_s: list[float] = []
+    clients: list[Any] = []
+    codes: list[dict[str, int]] = []
     try:
-        t0 = time.monotonic()
-        cluster.wait_ready(CLUSTER_READY_S)
-        ready_s = time.monotonic() - t0
-        client = cluster.client(timeout=CLIENT_TIMEOUT_S)
-        try:
-            songs = []
+        for cluster in clusters:
+            cluster.start()
+        for cluster in clusters:
+            t0 = time.monotonic()
+            cluster.wait_ready(CLUSTER_READY_S)
+            ready_s.append(time.monotonic() - t0)
+            clients.append(cluster.client(timeout=CLIENT_TIMEOUT_S))
+        songs: list[list[str]] = []
+        for name, client in zip(names, clients, strict=True):
+            songs.append([])
             for i in range(PLAYLIST_SONGS):
                 path = workdir / f"lat-{name}-{i}.wav"
                 path.write_bytes(make_tone_wav(SONG_S, 330.0 + 55.0 * i, f"latency {i}"))
                 loaded = _ok(client.load_song(path), f"load {path.name}")
-                songs.append(loaded["params"]["song"])
-                _ok(client.enqueue_song(songs[-1]), "enqueue")
+                songs[-1].append(loaded["params"]["song"])
+                _ok(client.enqueue_song(songs[-1][-1]), "enqueue")
             for _ in range(WARMUP):
                 _ok(client.status(), "status")
+        turns: dict[str, int] = {}
 
-            def timed(verb: str, params: dict[str, Any] | None = None) -> None:
+        def timed(verb: str, params: list[dict[str, Any] | None] | None = None) -> None:
+            # a command right after the other cluster's is slower (that one's acks and saves
+            # are still running): each cluster goes first in every other run of each verb
+            order = list(range(len(clients)))
+            if turns.get(verb, 0) % 2:
+                order.reverse()
+            turns[verb] = turns.get(verb, 0) + 1
+            for k in order:
                 t = time.perf_counter()
-                reply = client.request(verb, params)
+                reply = clients[k].request(verb, params[k] if params else None)
                 dt = time.perf_counter() - t
                 if reply.get("success"):
-                    samples[verb].append(dt)
+                    samples[k][verb].append(dt)
                 else:
-                    failures[verb].append(str(reply.get("msg")))
+                    failures[k][verb].append(str(reply.get("msg")))
 
-            for _ in range(runs):  # idle/paused -> playing -> paused
-                timed("play")
-                timed("pause")
+        for _ in range(runs):  # idle/paused -> playing -> paused
+            timed("play")
+            timed("pause")
+        for client in clients:
             _ok(client.play(), "play")
-            for _ in range(runs):  # slot 0 -> 1 -> 0, playing, each at the song's start
-                timed("forward")
-                timed("backward")
-            for i in range(runs):
-                timed("enqueue", {"song": songs[i % len(songs)]})
-            for _ in range(runs):
-                timed(DIAGNOSTIC)
+        for _ in range(runs):  # slot 0 -> 1 -> 0, playing, each at the song's start
+            timed("forward")
+            timed("backward")
+        for i in range(runs):
+            timed("enqueue", [{"song": s[i % len(s)]} for s in songs])
+        for _ in range(runs):
+            timed(DIAGNOSTIC)
+        for client in clients:
             _ok(client.stop(), "stop")
-        finally:
-            client.close()
     finally:
-        codes = cluster.stop()
-    unclean = {n: c for n, c in codes.items() if c != 0}
-    return {
-        "nodes": nodes,
-        "signed": signed,
-        "ready_s": round(ready_s, 2),
-        "verbs": {v: summary_ms(samples[v]) for v in (*VERBS, DIAGNOSTIC)},
-        "samples": samples,  # pooled by pool(), then dropped
-        "failures": {v: len(f) for v, f in failures.items()},
-        "failure_examples": {v: f[:3] for v, f in failures.items() if f},
-        "unclean_exits": unclean,
-    }
+        for client in clients:
+            client.close()
+        for cluster in clusters:
+            codes.append(cluster.stop())
+    return [
+        {
+            "nodes": nodes,
+            "signed": signed,
+            "ready_s": round(ready_s[k], 2),
+            "verbs": {v: summary_ms(samples[k][v]) for v in (*VERBS, DIAGNOSTIC)},
+            "failures": {v: len(f) for v, f in failures[k].items()},
+            "failure_examples": {v: f[:3] for v, f in failures[k].items() if f},
+            "unclean_exits": {n: c for n, c in codes[k].items() if c != 0},
+        }
+        for k, signed in enumerate(kinds)
+    ]
 
 
 def seal_cost_us(n: int = 20000) -> dict[str, float]:
@@ -194,29 +217,6 @@ def seal_cost_us(n: int = 20000) -> dict[str, float]:
         "open_us": round((t2 - t1) / n * 1e6, 2),
         "header_bytes": len(sealed[0]) - len(body),
     }
-
-
-def pool(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One result per (size, signed): the samples of its runs pooled, failures added up."""
-    out: dict[tuple[int, bool], dict[str, Any]] = {}
-    for r in runs:
-        key = (r["nodes"], r["signed"])
-        if key not in out:
-            out[key] = {**r, "samples": {v: list(x) for v, x in r["samples"].items()}, "runs": 1}
-            out[key]["failures"] = dict(r["failures"])
-            out[key]["unclean_exits"] = dict(r["unclean_exits"])
-            continue
-        o = out[key]
-        o["runs"] += 1
-        for v, x in r["samples"].items():
-            o["samples"][v] += x
-        for v, n in r["failures"].items():
-            o["failures"][v] += n
-        o["unclean_exits"].update(r["unclean_exits"])
-        o["ready_s"] = max(o["ready_s"], r["ready_s"])
-    for o in out.values():
-        o["verbs"] = {v: summary_ms(x) for v, x in o.pop("samples").items()}
-    return list(out.values())
 
 
 def signing_cost(clusters: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -250,7 +250,7 @@ def main() -> int:
     )
     args = p.parse_args()
     sizes = [int(n) for n in args.nodes.split(",")]
-    modes = {"on": [True], "off": [False], "both": [False, True, True, False]}[args.signing]
+    modes = {"on": [True], "off": [False], "both": [False, True]}[args.signing]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="nsync-bench-") as tmp:
         workdir = Path(tmp)
@@ -258,13 +258,9 @@ def main() -> int:
             version = b.version()
             before = common.conditions()
             first = broker_round_trips(b.url, args.runs)
-            clusters = pool(
-                [
-                    cluster_latency(b.url, workdir / f"r{i}", n, args.runs, signed)
-                    for n in sizes
-                    for i, signed in enumerate(modes)
-                ]
-            )
+            clusters = [
+                c for n in sizes for c in cluster_latency(b.url, workdir, n, args.runs, modes)
+            ]
             last = broker_round_trips(b.url, args.runs)
             after = common.conditions()
     # the baseline is measured before and after the clusters; both halves pooled
