@@ -25,6 +25,8 @@
   again (not merely a TCP connect: a proxy in front of a dead broker accepts those) and moves
   back to it: every node of a cluster, given the same list, converges on the
   first reachable broker. All URLs of one list must agree on TLS (``mqtt://`` or ``mqtts://``).
+- ``mqtts://`` checks the broker's certificate and host name against the system's CAs, or
+  against ``ca_file`` only (a household's private CA).
 - ``close()`` sends DISCONNECT, so the broker does not publish the last will.
 """
 
@@ -34,6 +36,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -101,8 +104,11 @@ def parse_broker_url(url: str) -> BrokerURL:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as err:
-        raise ConfigError(f"broker: bad URL {_redact(url)!r}: {err}") from err
-    shown = _redact(url)
+        # the parser's message may quote part of a password (a # or / in it ends the host part)
+        why = str(err) if "@" not in url else "no valid host:port after the login"
+        hint = "" if "@" not in url else " (write # / ? % in a password as %23 %2F %3F %25)"
+        raise ConfigError(f"broker: bad URL {redact_url(url)!r}: {why}{hint}") from None
+    shown = redact_url(url)
     if parts.scheme not in DEFAULT_PORTS:
         raise ConfigError(f"broker: URL {shown!r} must start with mqtt:// or mqtts://")
     if not parts.hostname:
@@ -122,15 +128,18 @@ def parse_broker_url(url: str) -> BrokerURL:
     )
 
 
-def _redact(url: str) -> str:
-    """The URL with any password replaced by ``***``, for error messages."""
-    scheme, sep, rest = url.partition("://")
+def redact_url(url: str) -> str:
+    """The broker URL (or what was meant as one) with any password replaced by ``***``, for
+    logs and error messages. Works on malformed URLs too (no scheme, ``@`` in the password)."""
+    head, at, hostpart = url.rpartition("@")
+    if not at:
+        return url
+    scheme, sep, userinfo = head.partition("://")
     if not sep:
+        scheme, userinfo = "", head
+    if ":" not in userinfo:
         return url
-    userinfo, at, hostpart = rest.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hostpart}"
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{hostpart}"
 
 
 def _set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -140,7 +149,9 @@ def _set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
         pass
 
 
-def _new_client(cls: type[_C], client_id: str, url: BrokerURL) -> _C:
+def _new_client(
+    cls: type[_C], client_id: str, url: BrokerURL, ca_file: str | os.PathLike[str] | None = None
+) -> _C:
     client = cls(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -149,8 +160,8 @@ def _new_client(cls: type[_C], client_id: str, url: BrokerURL) -> _C:
     )
     if url.username is not None:
         client.username_pw_set(url.username, url.password)
-    if url.tls:
-        client.tls_set()
+    if url.tls:  # the system's CAs, or only those of ca_file (a private CA)
+        client.tls_set(ca_certs=os.fspath(ca_file) if ca_file is not None else None)
     client.max_inflight_messages_set(MAX_INFLIGHT_MESSAGES)
     client.max_queued_messages_set(0)  # unlimited
     client.connect_timeout = CONNECT_TIMEOUT_S
@@ -158,9 +169,12 @@ def _new_client(cls: type[_C], client_id: str, url: BrokerURL) -> _C:
     return client
 
 
-def new_paho_client(client_id: str, url: BrokerURL) -> mqtt.Client:
-    """A paho client set up the NSync way: MQTT 3.1.1, TCP_NODELAY, deep queues, credentials."""
-    return _new_client(mqtt.Client, client_id, url)
+def new_paho_client(
+    client_id: str, url: BrokerURL, ca_file: str | os.PathLike[str] | None = None
+) -> mqtt.Client:
+    """A paho client set up the NSync way: MQTT 3.1.1, TCP_NODELAY, deep queues, credentials;
+    for ``mqtts://``, TLS that trusts the system's CAs or, given ``ca_file``, only its CAs."""
+    return _new_client(mqtt.Client, client_id, url, ca_file)
 
 
 class _HandOverClient(mqtt.Client):
@@ -279,6 +293,7 @@ class Bus:
         on_handler_error: Callable[[str, Exception], object] | None = None,
         keepalive_s: int = 5,
         failover_after_s: float = FAILOVER_AFTER_S,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> None:
         if not urls:
             raise ConfigError("broker: at least one broker URL is required")
@@ -314,7 +329,7 @@ class Bus:
         self._started = False
         self._acks: dict[int, asyncio.Future[None]] = {}  # mid -> PUBACK awaited
 
-        client = _new_client(_HandOverClient, client_id, self._urls[0])
+        client = _new_client(_HandOverClient, client_id, self._urls[0], ca_file)
         if will is not None:
             topic, payload, retain = will
             client.will_set(topic, payload, qos=1, retain=retain)

@@ -41,7 +41,15 @@ def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--peers", help="every node id of the cluster, this one included: a,b,c")
     p.add_argument("--cluster", help="cluster name (default home)")
     p.add_argument(
-        "--broker", action="append", help="mqtt://[user:pass@]host:port (repeat for failover)"
+        "--broker",
+        action="append",
+        help="mqtt://[user:pass@]host:port (repeat for failover; default: $NSYNC_BROKER, "
+        "comma-separated, then the config file; keep passwords off the command line)",
+    )
+    p.add_argument(
+        "--ca-file",
+        metavar="FILE",
+        help="for mqtts://: trust only the CA certificates (PEM) in FILE, e.g. a private CA",
     )
     p.add_argument("--embed-broker", metavar="HOST:PORT", help="also run an embedded broker here")
     p.add_argument(
@@ -87,7 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nsync",
         description="NSync: synchronised multi-room audio over MQTT.",
     )
-    parser.add_argument("--broker", default=None, help="broker URL (default mqtt://127.0.0.1:1883)")
+    parser.add_argument(
+        "--broker",
+        default=None,
+        help="broker URL (default: $NSYNC_BROKER, else mqtt://127.0.0.1:1883; a password belongs "
+        "in $NSYNC_BROKER, not on the command line)",
+    )
+    parser.add_argument(
+        "--ca-file",
+        metavar="FILE",
+        default=None,
+        help="for mqtts://: trust only the CA certificates (PEM) in FILE, e.g. a private CA",
+    )
     parser.add_argument("--cluster", default=None, help="cluster name (default home)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for a reply")
     parser.add_argument("--json", action="store_true", help="print the reply object as JSON")
@@ -191,14 +210,15 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _cmd_node(args: argparse.Namespace) -> int:
-    from nsync_mqtt.config import load_node_config
+    from nsync_mqtt.config import broker_from_env, load_node_config
     from nsync_mqtt.node import run_node
 
     overrides: dict[str, Any] = {
         "id": args.id,
         "peers": args.peers,
         "cluster": args.cluster,
-        "broker": args.broker,
+        "broker": args.broker or broker_from_env(),
+        "ca_file": args.ca_file,
         "embed_broker": args.embed_broker,
         "embed_broker_password_file": args.embed_broker_password_file,
         "embed_broker_acl_file": args.embed_broker_acl_file,
@@ -278,9 +298,12 @@ def _print_progress(done: int, total: int) -> None:
 
 def _cmd_client(args: argparse.Namespace) -> int:
     from nsync_mqtt.client import NSyncClient
+    from nsync_mqtt.config import broker_from_env, check_ca_file
 
-    broker = args.broker or "mqtt://127.0.0.1:1883"
-    with NSyncClient(broker, args.cluster or "home", timeout=args.timeout) as client:
+    broker = args.broker or (broker_from_env() or "mqtt://127.0.0.1:1883").split(",")[0].strip()
+    ca_file = check_ca_file(args.ca_file, [broker])
+    cluster = args.cluster or "home"
+    with NSyncClient(broker, cluster, timeout=args.timeout, ca_file=ca_file) as client:
         cmd = args.command
         if cmd == "load":
             if not Path(args.file).is_file():

@@ -45,7 +45,10 @@ class NSyncClient:
         cluster: str = "home",
         timeout: float = 3.0,
         client_id: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> None:
+        """``ca_file``: for an ``mqtts://`` broker, trust only the CAs in this PEM file (a
+        private CA) instead of the system's."""
         self.url = parse_broker_url(broker)
         self.topics = Topics(cluster)
         self.timeout = timeout
@@ -56,7 +59,7 @@ class NSyncClient:
         self._xfer: queue.Queue[dict[str, Any]] = queue.Queue()
         self._connected = threading.Event()
         self._refused: str | None = None
-        self._client = new_paho_client(self.reply_to, self.url)
+        self._client = new_paho_client(self.reply_to, self.url, ca_file)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
@@ -69,11 +72,16 @@ class NSyncClient:
         except (OSError, ValueError) as err:
             raise BrokerError(f"cannot reach the broker at {self.url}: {err}") from err
         self._client.loop_start()
-        if not self._connected.wait(self.timeout):
+        if not self._connected.wait(self.timeout) or self._refused:
             self._client.loop_stop()
             if self._refused:
                 raise BrokerError(f"the broker at {self.url} refused us: {self._refused}")
-            raise BrokerError(f"cannot reach the broker at {self.url} within {self.timeout:g} s")
+            hint = ""
+            if self.url.tls:  # a certificate paho could not verify looks the same from here
+                hint = " (or its TLS certificate is not signed by a CA we trust: --ca-file)"
+            raise BrokerError(
+                f"cannot reach the broker at {self.url} within {self.timeout:g} s{hint}"
+            )
         return self
 
     def close(self) -> None:
@@ -91,6 +99,7 @@ class NSyncClient:
     ) -> None:
         if getattr(rc, "is_failure", False):
             self._refused = str(rc)
+            self._connected.set()  # a refused login is final: connect() says so at once
             return
         # ready only once the broker confirmed the subscriptions: a reply can then not be missed
         client.subscribe(

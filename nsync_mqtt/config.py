@@ -11,6 +11,8 @@ import ipaddress
 import math
 import os
 import socket
+import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ class NodeConfig:
     peers: tuple[str, ...]
     cluster: str = "home"
     broker: tuple[str, ...] = ("mqtt://127.0.0.1:1883",)
+    ca_file: Path | None = None  # mqtts://: trust only these CAs (PEM), not the system's
     embed_broker: str | None = None
     embed_broker_password_file: Path | None = None
     embed_broker_acl_file: Path | None = None  # default: nsync_mqtt.acl.default_acl
@@ -177,6 +180,7 @@ def load_node_config(config_file: str | None, overrides: dict[str, Any]) -> Node
 
     for url in brokers:
         parse_broker_url(url)
+    ca_file = check_ca_file(raw.get("ca_file"), brokers)
     embed = raw.get("embed_broker")
     if embed is not None:
         parse_host_port("embed_broker", embed)
@@ -211,6 +215,7 @@ def load_node_config(config_file: str | None, overrides: dict[str, Any]) -> Node
         peers=tuple(peers),
         cluster=_check_id("cluster", raw.get("cluster", "home")),
         broker=tuple(brokers),
+        ca_file=ca_file,
         embed_broker=embed,
         embed_broker_password_file=Path(pw_file) if pw_file else None,
         embed_broker_acl_file=Path(acl_file) if acl_file else None,
@@ -233,6 +238,37 @@ def load_node_config(config_file: str | None, overrides: dict[str, Any]) -> Node
         ),
         timing=build_timing(raw.get("timing")),
     )
+
+
+BROKER_ENV = "NSYNC_BROKER"  # broker URL(s) when --broker is not given: no password in `ps`
+
+
+def broker_from_env() -> str | None:
+    """The broker URL list (comma-separated) from ``$NSYNC_BROKER``, or None if unset/empty."""
+    return os.environ.get(BROKER_ENV, "").strip() or None
+
+
+def check_ca_file(value: Any, brokers: Sequence[str]) -> Path | None:
+    """``ca_file`` as a path to a readable PEM file of CA certificates, or None if not given;
+    ConfigError if it cannot be read or used, or if no broker URL is ``mqtts://``."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"ca_file: must be a file path, got {value!r}")
+    path = Path(os.path.expanduser(os.fspath(value)))
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError as err:  # before OSError: SSLError is one
+        raise ConfigError(
+            f"ca_file: {path} holds no usable PEM CA certificate ({err.reason or err})"
+        ) from err
+    except OSError as err:
+        raise ConfigError(f"ca_file: cannot read {path}: {err.strerror or err}") from err
+    if not any(url.strip().lower().startswith("mqtts://") for url in brokers):
+        raise ConfigError(
+            "ca_file: given, but no broker URL is mqtts://: the CA is only used for TLS"
+        )
+    return path
 
 
 def is_loopback(host: str) -> bool:

@@ -151,6 +151,7 @@ class Node:
             will=(self.topics.node_status(cfg.id), b"offline", True),
             on_connect=self._on_connect,
             on_handler_error=self.faults.record,
+            ca_file=cfg.ca_file,
         )
         self.broker: EmbeddedBroker | None = None
         self.watchdog = LoopWatchdog()

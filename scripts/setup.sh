@@ -3,7 +3,7 @@
 #
 #   bash scripts/setup.sh          # what `nsync node` and `nsync demo` need
 #   bash scripts/setup.sh --test   # plus what the test suite needs (mosquitto, its clients,
-#                                  # PulseAudio for the stream sink's real-audio test)
+#                                  # openssl, PulseAudio for the stream sink's real-audio test)
 #
 # Idempotent: when everything is present it only checks and returns within seconds.
 # Missing system packages are installed with apt-get when run as root; otherwise the script
@@ -80,6 +80,10 @@ fi
 # the tests read the cluster's topics as a user's scripts do, with mosquitto_sub
 if ((with_tests)) && ! have_cmd mosquitto_sub; then
     missing+=(mosquitto-clients)
+fi
+# the secure Mosquitto test makes a private CA and the broker's certificate with openssl
+if ((with_tests)) && ! have_cmd openssl; then
+    missing+=(openssl)
 fi
 # the stream sink is tested against a real audio stack: a PulseAudio null sink, reached
 # through ALSA's pulse plugin, recorded with parecord

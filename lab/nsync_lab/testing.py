@@ -117,12 +117,17 @@ class BrokerProcess:
     """An amqtt or Mosquitto broker subprocess on a fixed loopback port, which can be killed
     and started again. Its output goes to ``log`` in ``workdir``."""
 
-    def __init__(self, kind: str, port: int, workdir: Path) -> None:
+    def __init__(self, kind: str, port: int, workdir: Path, config: str | None = None) -> None:
+        """``config``: Mosquitto only, its whole configuration instead of
+        ``mosquitto_config(port)`` (it must listen on ``port``)."""
         if kind not in BROKER_KINDS:
             raise ValueError(f"unknown broker {kind!r}; one of {', '.join(BROKER_KINDS)}")
+        if config is not None and kind != "mosquitto":
+            raise ValueError("config is for Mosquitto only")
         self.kind = kind
         self.port = port
         self.workdir = Path(workdir)
+        self.config = config
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.workdir / f"{kind}-{port}.log"
 
@@ -140,7 +145,7 @@ class BrokerProcess:
         if not MOSQUITTO.exists():
             raise RuntimeError(f"mosquitto is not installed ({MOSQUITTO} missing)")
         conf = self.workdir / f"mosquitto-{self.port}.conf"
-        conf.write_text(mosquitto_config(self.port))
+        conf.write_text(self.config if self.config is not None else mosquitto_config(self.port))
         return [str(MOSQUITTO), "-c", str(conf)]
 
     def log_tail(self, lines: int = 30) -> str:
@@ -222,8 +227,16 @@ class NodeCluster:
         timing: dict[str, float] | None = None,
         settings: dict[str, Any] | None = None,
         signed: bool = True,
+        ca_file: Path | None = None,
+        broker_env: bool = False,
     ) -> None:
+        """``ca_file``: the nodes' ``ca_file`` (and the watcher's and client's CA) for an
+        ``mqtts://`` broker with a private CA. ``broker_env``: the nodes get their broker URL
+        from ``$NSYNC_BROKER`` instead of ``--broker`` (a password stays off the command
+        line)."""
         self.broker_url = broker_url
+        self.ca_file = ca_file
+        self.broker_env = broker_env
         # the recommended set-up: a cluster key, every internal message signed with it
         self.key_file: Path | None = Path(workdir) / "cluster.key" if signed else None
         self.workdir = Path(workdir)
@@ -262,7 +275,10 @@ class NodeCluster:
             if not self.key_file.exists():
                 write_key(self.key_file)
             settings.setdefault("key_file", str(self.key_file))
+        if self.ca_file is not None:
+            settings.setdefault("ca_file", str(self.ca_file))
         config.write_text(json.dumps(settings))
+        broker_url = spec.broker_url or self.broker_url
         cmd = [
             sys.executable,
             "-m",
@@ -276,8 +292,7 @@ class NodeCluster:
             self.peers,
             "--cluster",
             self.cluster,
-            "--broker",
-            spec.broker_url or self.broker_url,
+            *([] if self.broker_env else ["--broker", broker_url]),
             "--data-dir",
             str(self.workdir / node),
             "--sink",
@@ -294,6 +309,8 @@ class NodeCluster:
         ]
         out = self.node_log(node).open("ab")
         env = {**os.environ, **spec.env} if spec.env else None
+        if self.broker_env:
+            env = {**(env or os.environ), "NSYNC_BROKER": broker_url}
         self.procs[node] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         out.close()
 
@@ -341,7 +358,9 @@ class NodeCluster:
         return "\n".join(parts)
 
     def client(self, timeout: float = 3.0) -> NSyncClient:
-        return NSyncClient(self.broker_url, self.cluster, timeout=timeout).connect()
+        return NSyncClient(
+            self.broker_url, self.cluster, timeout=timeout, ca_file=self.ca_file
+        ).connect()
 
     def wait_ready(self, timeout_s: float = 30.0, calibrated: bool = True) -> dict[str, Any]:
         """Wait until every live node reports (afresh) one master, and each follower a calibrated
@@ -370,7 +389,7 @@ class NodeCluster:
 
     @contextlib.contextmanager
     def watch(self) -> Iterator[Watcher]:
-        w = Watcher(self.broker_url, self.cluster)
+        w = Watcher(self.broker_url, self.cluster, ca_file=self.ca_file)
         try:
             yield w
         finally:
@@ -378,12 +397,17 @@ class NodeCluster:
 
 
 def _subscribed_client(
-    client_id: str, broker_url: str, subscriptions: Sequence[str], qos: int, on_message: Any
+    client_id: str,
+    broker_url: str,
+    subscriptions: Sequence[str],
+    qos: int,
+    on_message: Any,
+    ca_file: Path | None = None,
 ) -> tuple[Any, threading.Event]:
     """A started paho client that (re)subscribes to ``subscriptions`` on every connect, and an
     event set once the broker acknowledges a subscription."""
     url = parse_broker_url(broker_url)
-    client = new_paho_client(client_id, url)
+    client = new_paho_client(client_id, url, ca_file)
     subscribed = threading.Event()
     client.on_connect = lambda c, *_: c.subscribe([(t, qos) for t in subscriptions])
     client.on_subscribe = lambda *_: subscribed.set()
@@ -396,13 +420,18 @@ def _subscribed_client(
 class Watcher:
     """Follows the retained state topics of a cluster."""
 
-    def __init__(self, broker_url: str, cluster: str) -> None:
+    def __init__(self, broker_url: str, cluster: str, ca_file: Path | None = None) -> None:
         self._lock = threading.Lock()
         self.retained: dict[str, bytes] = {}
         self.live: set[str] = set()
         self.base = f"nsync/{cluster}"
         self._client, subscribed = _subscribed_client(
-            f"watch-{uuid.uuid4().hex[:12]}", broker_url, [f"{self.base}/#"], 0, self._on_message
+            f"watch-{uuid.uuid4().hex[:12]}",
+            broker_url,
+            [f"{self.base}/#"],
+            0,
+            self._on_message,
+            ca_file,
         )
         subscribed.wait(5)  # a broker still starting is caught up with in the background
 
@@ -471,7 +500,12 @@ class RawClient:
     records every message it hears on ``subscriptions``."""
 
     def __init__(
-        self, broker_url: str, cluster: str, subscriptions: Sequence[str], client_id: str = ""
+        self,
+        broker_url: str,
+        cluster: str,
+        subscriptions: Sequence[str],
+        client_id: str = "",
+        ca_file: Path | None = None,
     ) -> None:
         self.topics = Topics(cluster)
         self.reply_to = client_id or f"raw-{uuid.uuid4().hex[:8]}"
@@ -480,7 +514,7 @@ class RawClient:
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._client, subscribed = _subscribed_client(
-            self.reply_to, broker_url, subscriptions, 1, self._on_message
+            self.reply_to, broker_url, subscriptions, 1, self._on_message, ca_file
         )
         if not subscribed.wait(5):
             self.close()
