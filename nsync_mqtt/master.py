@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from nsync_mqtt.discovery import device_config_payload, discovery_topic
 from nsync_mqtt.effects import Effects, Publish
 from nsync_mqtt.errors import CommandError, ProtocolError
+from nsync_mqtt.guard import decade
+from nsync_mqtt.limits import RateLimiter
 from nsync_mqtt.messages import Message, check_id, reply_object, song_name
 from nsync_mqtt.playlist import (
     PLAYING,
@@ -172,6 +174,8 @@ UNKNOWN_FRAMES = 1 << 62  # a held song whose length is not known yet
 STATE_PUBLISH_DELAY_S = 0.02  # retained state follows a change within this, coalesced
 QUEUE_SHOWN = 50  # the state document lists this many upcoming songs; state/playlist has all
 NODE_ALIVE_S = 3.0  # a peer heard from within this is alive (lead time, state, transfers)
+MAX_UPLOADS = 8  # songs clients may be uploading at once (each holds a transfer open)
+MAX_LOADS_WAITING = 64  # loads waiting for their bytes or for f+1 holders, all clients
 
 
 @dataclass
@@ -268,7 +272,8 @@ class Master:
         self.commits: Commits[Request] = Commits(
             sp.majority, sp.timing.ack_timeout_s, sp.state.index
         )
-        self.finished: dict[tuple[int, str], set[str]] = {}
+        self.finished: dict[tuple[int, str], set[str]] = {}  # the current slot's reports only
+        self.rate = RateLimiter()  # commands per client (reply_to), a token bucket each
         self.last_seen: dict[str, float] = dict.fromkeys(sp.peers, now)
         self.loads = Loads(self)
         self._published: dict[str, bytes] = {}
@@ -360,10 +365,14 @@ class Master:
         self.count_finished(now, eff, msg.src, fin.slot, fin.song)
 
     def count_finished(self, now: float, eff: Effects, node: str, slot: int, song: str) -> None:
-        reports = self.finished.setdefault((slot, song), set())
-        reports.add(node)
         sp = self.sp
         pb = sp.state.playback
+        if (slot, song) != (pb.slot, pb.song):
+            return  # a stale report (or a forged one): it could never count
+        if (slot, song) not in self.finished:
+            self.finished.clear()  # reports of slots played before: no longer of use
+        reports = self.finished.setdefault((slot, song), set())
+        reports.add(node)
         if len(reports) >= self.majority and pb.state == PLAYING and pb.slot == slot:
             self.finished.pop((slot, song), None)
             try:
@@ -422,6 +431,23 @@ class Master:
             if rt:
                 reply = make_reply(False, verb, None, f"bad command: {err}")
                 eff.out.append(Publish(self.sp.topics.reply(rt), reply))
+            return eff
+        if not self.rate.allow(now, req.reply_to or ""):
+            if decade(self.rate.refused):
+                log.warning(
+                    "refused %d command(s) so far from clients over the rate limit (last: %s)",
+                    self.rate.refused,
+                    req.reply_to or "one without reply_to",
+                )
+            r = self.rate
+            self.reply(
+                now,
+                eff,
+                req,
+                False,
+                f"too many commands from this client: at most {r.rate:g} a second after a "
+                f"burst of {r.burst:g}; slow down",
+            )
             return eff
         if verb not in VERBS:
             known = ", ".join(sorted(VERBS))
@@ -654,6 +680,15 @@ class Loads:
             return
         xfer = sp.topics.internal(f"xfer/{req.reply_to}")
         song = manifest.song
+        if len(self.waiting) >= MAX_LOADS_WAITING:
+            msg = f"too many loads waiting ({len(self.waiting)}): try again in a few seconds"
+            self.m.reply(now, eff, req, False, msg)
+            return
+        uploads = {w.manifest.song for w in self.waiting if not w.replicating}
+        if not sp.lib.has(song) and song not in uploads and len(uploads) >= MAX_UPLOADS:
+            msg = f"too many uploads in progress ({len(uploads)}): try again when one ends"
+            self.m.reply(now, eff, req, False, msg)
+            return
         load = _Load(req, manifest, now + sp.timing.upload_idle_timeout_s)
         if sp.lib.has(song):  # nothing to send; the client now waits for replication
             eff.out.append(Publish(xfer, json.dumps({"song": song, "missing": []}).encode()))

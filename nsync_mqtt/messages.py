@@ -20,6 +20,7 @@ ENVELOPE_VERSION = 1
 ID_RE = re.compile(r"[a-z0-9_-]{1,64}")
 HASH_RE = re.compile(r"[0-9a-f]{56}")
 CHUNK_MAGIC = b"NSC1"
+MAX_WIRE_INT = 2**63 - 1  # no term, index, slot or frame read off the wire is larger
 _U32 = struct.Struct(">I")
 
 
@@ -137,8 +138,10 @@ def decode(payload: bytes) -> Message:
         raise ProtocolError("envelope field 't' must be a string")
     src = check_id(obj.pop("src", None), "envelope field 'src'")
     term = obj.pop("term", None)
-    if not is_int(term) or term < 0:
-        raise ProtocolError("envelope field 'term' must be a non-negative integer")
+    if not is_int(term) or not 0 <= term <= MAX_WIRE_INT:
+        raise ProtocolError(
+            f"envelope field 'term' must be an integer from 0 to {MAX_WIRE_INT}, got {term!r}"
+        )
     obj.pop("v")
     return Message(type_, src, term, obj)
 

@@ -32,6 +32,7 @@ from nsync_mqtt.config import NodeConfig, parse_host_port
 from nsync_mqtt.effects import PLAY, RETIME, STOP, Decode, Effects, SinkPlan
 from nsync_mqtt.errors import NSyncError, ProtocolError
 from nsync_mqtt.guard import Faults, LoopWatchdog, decade, forever, log_tasks
+from nsync_mqtt.limits import oversize
 from nsync_mqtt.master import NODE_ALIVE_S, STATE_PUBLISH_DELAY_S
 from nsync_mqtt.messages import Topics, decode_chunk, encode_chunk
 from nsync_mqtt.persist import StateFile
@@ -199,16 +200,19 @@ class Node:
             f"to/{self.cfg.id}",  # ping, ack, sync_req, finished to the master; vote, sync, ...
             "want",
         ]
+        lim = self._limited  # each topic's payload limit, checked before anything is parsed
         subs: list[tuple[str, Callable[[str, bytes, bool], None]]] = [
-            *((t.internal(name), self._on_internal) for name in internal),
-            (t.internal("chunk/all"), self._on_chunk),
-            (t.internal(f"chunk/{self.cfg.id}"), self._on_chunk),
-            (t.upload, self._on_upload),
-            (t.cmd_all, self._on_command),
-            (f"{t.base}/node/+/state", self._on_node_state),
+            *((t.internal(name), lim("internal", self._on_internal)) for name in internal),
+            (t.internal("chunk/all"), lim("chunk", self._on_chunk)),
+            (t.internal(f"chunk/{self.cfg.id}"), lim("chunk", self._on_chunk)),
+            (t.upload, self._on_upload),  # the store checks the size before hashing
+            (t.cmd_all, lim("command", self._on_command)),
+            (f"{t.base}/node/+/state", lim("node_state", self._on_node_state)),
         ]
         if self.cfg.ha_discovery:  # Home Assistant restarted: announce the cluster again
-            subs.append((f"{self.cfg.ha_discovery_prefix}/status", self._on_ha_status))
+            subs.append(
+                (f"{self.cfg.ha_discovery_prefix}/status", lim("ha_status", self._on_ha_status))
+            )
         for topic, handler in subs:
             self.bus.subscribe(topic, handler)
         for song in self.store.songs():
@@ -389,6 +393,26 @@ class Node:
             )
         return None
 
+    def _limited(
+        self, kind: str, handler: Callable[[str, bytes, bool], None]
+    ) -> Callable[[str, bytes, bool], None]:
+        """``handler`` behind the payload limit of its kind of topic (limits.PAYLOAD_LIMITS):
+        a bigger payload is dropped unread and counted as rejected."""
+
+        def checked(topic: str, payload: bytes, retain: bool) -> None:
+            if oversize(kind, len(payload)):
+                self._refuse(f"oversize {kind} message")
+                return
+            handler(topic, payload, retain)
+
+        return checked
+
+    def _refuse(self, reason: str) -> None:
+        """Count a message refused before it was read (published as ``rejected``)."""
+        n = self._refused_local[reason] = self._refused_local.get(reason, 0) + 1
+        if decade(n):
+            log.warning("refused %d message(s) so far: %s", n, reason)
+
     def rejected(self) -> dict[str, int]:
         """Messages refused before they were read, by reason."""
         out = dict(self.opener.rejected) if self.opener is not None else {}
@@ -546,7 +570,7 @@ class Node:
             return
         if from_client and self.opener is not None and not self._expected_upload(header):
             # with signing, a client's chunks go only into an upload the master announced
-            self._refused_local[UNEXPECTED_CHUNK] = self._refused_local.get(UNEXPECTED_CHUNK, 0) + 1
+            self._refuse(UNEXPECTED_CHUNK)
             return
         try:
             song, complete = self.store.add_chunk(header, data, now)
@@ -565,7 +589,7 @@ class Node:
         now = self.clock.now()
         try:
             song = self.store.put_bytes(payload, None, now)
-        except ProtocolError as err:
+        except (ProtocolError, OSError) as err:  # OSError: the disk is full, say
             self._do(self.core.upload_refused(len(payload), str(err)))
             return
         self._do(self.core.song_arrived(now, song, upload_reply=True))

@@ -44,6 +44,7 @@ PLAYING, PAUSED, IDLE = "playing", "paused", "idle"
 PLAYBACK_STATES = (PLAYING, PAUSED, IDLE)
 BACKWARD_RESTART_S = 3.0  # backward within this many seconds of a song's start goes to the previous
 MAX_PLAYLIST_LEN = 5000  # songs; an enqueue beyond it is refused (each edit re-hashes the list)
+MAX_SECONDS = 7 * 24 * 3600.0  # a position beyond this is in no song (even unknown lengths)
 
 
 EMPTY_PLAYLIST_HASH = hashlib.sha224(b"").hexdigest()
@@ -431,7 +432,10 @@ def _room_for_one(state: PlayerState) -> None:
 def _position(value: Any, what: str, n: int) -> int:
     """A playlist position 0..n-1 (the first song is 0, as the state's ``slot`` counts)."""
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
+        try:
+            value = int(value)
+        except ValueError:  # "²" is a digit int() refuses; so are 5000 of them
+            raise CommandError(f"{what} needs a playlist position, got {value[:20]!r}") from None
     if not _is_int(value):
         raise CommandError(f"{what} needs a playlist position (0 is the first song), got {value!r}")
     if not 0 <= value < n:
@@ -563,13 +567,16 @@ def _number(arg: Any, what: str) -> float:
         raise CommandError(f"{what} needs a number of seconds, got {arg!r}") from None
     if value != value or value < 0 or value == float("inf"):
         raise CommandError(f"{what} needs a non-negative number of seconds, got {arg!r}")
+    if value > MAX_SECONDS:
+        raise CommandError(f"{what} to {value:g} s is beyond any song ({MAX_SECONDS:g} s at most)")
     return value
 
 
 def parse_volume(arg: Any, current: int) -> int:
-    """0-100 absolute, or "+N"/"-N" relative (clamped)."""
+    """0-100 absolute, or "+N"/"-N" relative (clamped). Only text is relative: a JSON number
+    is a level, so ``{"volume": -5}`` is refused rather than taken as "-5"."""
     text = str(arg).strip() if not isinstance(arg, bool) else ""
-    relative = text[:1] in ("+", "-")
+    relative = isinstance(arg, str) and text[:1] in ("+", "-")
     try:
         value = int(text)
     except ValueError:

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from nsync_mqtt.errors import ProtocolError
-from nsync_mqtt.messages import HASH_RE, Message, check_hash, check_id, is_int, song_name
+from nsync_mqtt.messages import (
+    HASH_RE,
+    MAX_WIRE_INT,
+    Message,
+    check_hash,
+    check_id,
+    is_int,
+    song_name,
+)
 from nsync_mqtt.playlist import Operation, PlayerState
 from nsync_mqtt.replication import Manifest, parse_held
 
@@ -24,8 +32,10 @@ MAX_FAILURE_TEXT = 200  # characters of a peer's failure message kept
 
 def _int(body: Mapping[str, Any], key: str, minimum: int = 0) -> int:
     v = body.get(key)
-    if not is_int(v) or v < minimum:
-        raise ProtocolError(f"field {key!r} must be an integer >= {minimum}, got {v!r}")
+    if not is_int(v) or not minimum <= v <= MAX_WIRE_INT:
+        raise ProtocolError(
+            f"field {key!r} must be an integer from {minimum} to {MAX_WIRE_INT}, got {v!r}"
+        )
     return v
 
 
@@ -49,9 +59,13 @@ def _bool(body: Mapping[str, Any], key: str) -> bool:
 
 def _last_log(body: Mapping[str, Any]) -> tuple[int, int]:
     v = body.get("last_log")
-    if not isinstance(v, list) or len(v) != 2 or not all(is_int(x) and x >= 0 for x in v):
+    if not isinstance(v, list) or len(v) != 2 or not all(_wire_int(x) for x in v):
         raise ProtocolError(f"field 'last_log' must be [term, index], got {v!r}")
     return v[0], v[1]
+
+
+def _wire_int(x: object) -> bool:
+    return is_int(x) and 0 <= x <= MAX_WIRE_INT
 
 
 def _songs(v: object, what: str) -> frozenset[str]:

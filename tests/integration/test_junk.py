@@ -25,6 +25,7 @@ from nsync_lab.testing import (
     wait_for,
 )
 from nsync_mqtt.client import NSyncClient
+from nsync_mqtt.limits import PAYLOAD_LIMITS
 from nsync_mqtt.messages import Topics, encode_chunk
 
 pytestmark = pytest.mark.integration
@@ -160,6 +161,10 @@ def test_junk_on_every_subscribed_topic_changes_nothing(
         raw.publish(t.upload, payload)
         raw.publish(t.cmd("volume"), payload)
         raw.publish(t.cmd("no-such-verb"), payload)
+    # over the size limits: dropped before they are read (no reply), counted as rejected
+    pad = b"x" * PAYLOAD_LIMITS["command"]
+    raw.publish(t.cmd("status"), b'{"reply_to": "oversize", "pad": "' + pad + b'"}')
+    raw.publish(t.internal("want"), b"x" * (PAYLOAD_LIMITS["internal"] + 1))
 
     # the master goes on heartbeating, in the same term
     mark = raw.mark()
@@ -180,6 +185,9 @@ def test_junk_on_every_subscribed_topic_changes_nothing(
         assert states[node]["signed"] is (cluster.key_file is not None)
         if cluster.key_file is not None:  # refused before it was read
             assert states[node]["rejected"].get("unsigned", 0) >= len(RAW_JUNK), states[node]
+        for kind in ("command", "internal"):
+            assert states[node]["rejected"].get(f"oversize {kind} message", 0) >= 1, states[node]
+    assert not [m for m in raw.since(0) if m.topic == t.reply("oversize")]
     if cluster.key_file is None:
         assert faults.get("bad internal message/ProtocolError", 0) > 0, faults
     assert faults.get("bad node state/ProtocolError", 0) > 0, faults

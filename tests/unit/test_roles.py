@@ -291,3 +291,24 @@ def test_the_master_publishes_the_discovery_document_only_when_switched_on() -> 
     assert doc.topic == "ha/device/nsync_t/config" and doc.retain
     assert set(json.loads(doc.payload)["components"]) >= {"nsync_t_play", "nsync_t_b_online"}
     assert elected(None) == []
+
+
+def test_a_client_flooding_commands_is_told_to_slow_down_and_others_are_not(net: Net) -> None:
+    from nsync_mqtt.limits import COMMAND_BURST
+
+    master = net.nodes["a"].master
+    assert master is not None
+    for i in range(int(COMMAND_BURST) + 3):
+        body = json.dumps({"reply_to": "flood", "client_req_id": i}).encode()
+        net.run("a", master.command(net.now, "status", body))
+    replies = net.replies("flood")
+    assert [r["success"] for r in replies] == [True] * int(COMMAND_BURST) + [False] * 3
+    assert "too many commands" in replies[-1]["msg"] and replies[-1]["client_req_id"] == (
+        COMMAND_BURST + 2
+    )
+    net.run("a", command(net, "status", {"client_req_id": 1}))  # reply_to "cli": its own bucket
+    assert net.replies("cli")[-1]["success"]
+    net.now += 1.0  # the flood's bucket refills
+    body = json.dumps({"reply_to": "flood", "client_req_id": "later"}).encode()
+    net.run("a", master.command(net.now, "status", body))
+    assert net.replies("flood")[-1]["success"]

@@ -1,0 +1,99 @@
+"""Limits against a hostile (or broken) client on a shared broker, pure: take ``now`` and inputs.
+
+- :data:`PAYLOAD_LIMITS`: the largest payload a node reads on each kind of topic it
+  subscribes to. A bigger one is dropped before it is parsed and counted as rejected.
+- :class:`RateLimiter`: a token bucket per client (its ``reply_to``): a burst, then a sustained
+  rate. The keys are remote ids, so the map is bounded: past ``max_keys`` the buckets that are
+  full again (as good as new) are forgotten first, then the least recently used.
+
+The defaults are generous: a client that waits for each reply (the CLI, Home Assistant, the
+benchmarks, one command after another at 1-3 ms each) is never limited; a client that floods
+commands without waiting is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+KIB = 1024
+MIB = 1024 * KIB
+
+# The largest payload read on each kind of topic (bytes). The internal messages are small except
+# ``sync`` (the whole player state: up to MAX_PLAYLIST_LEN song hashes and their manifests) and
+# ``sync_req`` (every song a node holds); a chunk frame is a chunk (MAX_CHUNK_SIZE at most) and
+# its JSON header; a node state lists the songs a node holds.
+PAYLOAD_LIMITS: dict[str, int] = {
+    "internal": 4 * MIB,
+    "chunk": 8 * MIB + 64 * KIB,
+    "command": 64 * KIB,
+    "node_state": 2 * MIB,
+    "ha_status": 64,
+}
+
+COMMAND_BURST = 1000  # commands a client may send at once ...
+COMMAND_RATE = 500.0  # ... and per second after that
+MAX_CLIENTS_TRACKED = 1024  # buckets kept (one per reply_to seen lately)
+
+
+def oversize(kind: str, size: int, limits: dict[str, int] | None = None) -> bool:
+    """Is a payload of ``size`` bytes on a topic of ``kind`` over its limit? (An unknown kind
+    has no limit here: its handler checks what it reads.)"""
+    limit = (PAYLOAD_LIMITS if limits is None else limits).get(kind)
+    return limit is not None and size > limit
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float  # when ``tokens`` was last brought up to date
+
+
+class RateLimiter:
+    """Token buckets keyed by client: ``allow(now, key)`` takes one token from ``key``'s bucket
+    (``burst`` tokens when new, refilled at ``rate`` per second up to ``burst``) and says whether
+    there was one. Holds at most ``max_keys`` buckets."""
+
+    def __init__(
+        self,
+        burst: float = COMMAND_BURST,
+        rate: float = COMMAND_RATE,
+        max_keys: int = MAX_CLIENTS_TRACKED,
+    ) -> None:
+        if not (burst >= 1 and rate > 0 and math.isfinite(burst) and math.isfinite(rate)):
+            raise ValueError(f"rate limiter: burst >= 1 and rate > 0, got {burst}, {rate}")
+        if max_keys < 1:
+            raise ValueError(f"rate limiter: max_keys must be positive, got {max_keys}")
+        self.burst = float(burst)
+        self.rate = float(rate)
+        self.max_keys = max_keys
+        self._buckets: dict[str, _Bucket] = {}  # insertion order = least recently used first
+        self.refused = 0
+
+    def _level(self, b: _Bucket, now: float) -> float:
+        return min(self.burst, b.tokens + max(0.0, now - b.at) * self.rate)
+
+    def allow(self, now: float, key: str) -> bool:
+        b = self._buckets.pop(key, None)
+        if b is None:
+            self._make_room(now)
+            b = _Bucket(self.burst, now)
+        else:
+            b.tokens, b.at = self._level(b, now), max(b.at, now)
+        self._buckets[key] = b  # the most recently used now
+        if b.tokens >= 1.0:
+            b.tokens -= 1.0
+            return True
+        self.refused += 1
+        return False
+
+    def _make_room(self, now: float) -> None:
+        if len(self._buckets) < self.max_keys:
+            return
+        for k in [k for k, b in self._buckets.items() if self._level(b, now) >= self.burst]:
+            del self._buckets[k]  # full again: a new bucket would be the same
+        while len(self._buckets) >= self.max_keys:
+            del self._buckets[next(iter(self._buckets))]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
