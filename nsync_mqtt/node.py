@@ -37,7 +37,14 @@ from nsync_mqtt.master import NODE_ALIVE_S, STATE_PUBLISH_DELAY_S
 from nsync_mqtt.messages import Topics, decode_chunk, encode_chunk
 from nsync_mqtt.persist import StateFile
 from nsync_mqtt.playlist import RATE
-from nsync_mqtt.replication import Manifest, SongStore, TransferQueue, chunk_header, read_chunk
+from nsync_mqtt.replication import (
+    PARTIAL_IDLE_S,
+    Manifest,
+    SongStore,
+    TransferQueue,
+    chunk_header,
+    read_chunk,
+)
 from nsync_mqtt.seal import Opener, Sealer, next_boot, read_key
 from nsync_mqtt.speaker import Speaker
 from nsync_mqtt.wire import PeerState
@@ -306,7 +313,10 @@ class Node:
     async def _housekeeping_step(self) -> None:
         await asyncio.sleep(HOUSEKEEPING_S)
         self._publish_node_state()
-        self._do(self.core.tick(self.clock.now()))
+        now = self.clock.now()
+        for song in self.store.prune_partials(now):
+            log.info("dropped the transfer of %s: no chunk for %g s", song, PARTIAL_IDLE_S)
+        self._do(self.core.tick(now))
 
     # ------------------------------------------------------------------ carrying out effects
 

@@ -41,6 +41,11 @@ MAX_CHUNK_SIZE = 8 * 1024 * 1024
 DEFAULT_MAX_SONG_BYTES = 512 * 1024 * 1024
 
 _READ_BLOCK = 1024 * 1024
+# transfers open at once; more are refused (their chunks come again when the node asks for the
+# song again) rather than dropping an open one: the master sends a recovering node's songs
+# chunk by chunk in turn, and dropping would restart them in a circle
+MAX_ASSEMBLIES = 64
+PARTIAL_IDLE_S = 600.0  # a transfer that got no chunk for this long is dropped, files and all
 _HAVE_MAGIC = b"NSH1"
 _HAVE_HEADER = struct.Struct(">4sQI")
 _HAVE_INDEX = struct.Struct(">I")
@@ -427,6 +432,7 @@ class SongStore:
         self._last_used = self._load_lru()
         self._lru_dirty = False
         self._assemblies: dict[str, Assembly] = {}
+        self._fed: dict[str, float] = {}  # song -> when its transfer last got a chunk
 
     def _load_lru(self) -> dict[str, float]:
         try:
@@ -512,7 +518,8 @@ class SongStore:
         """
         for song in protected:
             self.touch(song, now)
-        victims = choose_evictions(self._sizes, self._last_used, protected, self.cap_bytes)
+        room = max(0, self.cap_bytes - self.partial_bytes())  # transfers in progress count
+        victims = choose_evictions(self._sizes, self._last_used, protected, room)
         for song in victims:
             self.remove(song)
         self.flush()
@@ -565,6 +572,16 @@ class SongStore:
             if current.manifest == manifest:
                 return current
             self._discard_partial(song)
+        if len(self._assemblies) >= MAX_ASSEMBLIES:
+            raise ProtocolError(
+                f"too many transfers in progress ({len(self._assemblies)}): {song} waits"
+            )
+        reserved = self.partial_bytes()
+        if reserved + manifest.size > self.cap_bytes:
+            raise ProtocolError(
+                f"no room for a {manifest.size}-byte transfer: {reserved} bytes of transfers "
+                f"in progress, store cap {self.cap_bytes} bytes"
+            )
         asm = Assembly(
             manifest,
             self._partial_dir / f"{song}.part",
@@ -589,6 +606,7 @@ class SongStore:
         if self.has(song):
             return song, False
         asm = self.assembly(manifest)
+        self._fed[song] = now
         asm.add(index, data)
         if not asm.complete:
             return song, False
@@ -605,10 +623,26 @@ class SongStore:
         os.replace(asm.part_path, self.path(song))
         asm.have_path.unlink(missing_ok=True)
         del self._assemblies[song]
+        self._fed.pop(song, None)
         self._sizes[song] = asm.manifest.size
         self.touch(song, now)
 
+    def partial_bytes(self) -> int:
+        """Bytes the open transfers take on disk (each is preallocated to its song's size)."""
+        return sum(a.manifest.size for a in self._assemblies.values())
+
+    def prune_partials(self, now: float, idle_s: float = PARTIAL_IDLE_S) -> list[str]:
+        """Drop the transfers (and their files) that got no chunk for ``idle_s``; a transfer
+        opened without a chunk yet starts its idle time at the first call."""
+        for song in self._assemblies:
+            self._fed.setdefault(song, now)
+        idle = [s for s in self._assemblies if now - self._fed[s] >= idle_s]
+        for song in idle:
+            self._discard_partial(song)
+        return idle
+
     def _discard_partial(self, song: str) -> None:
+        self._fed.pop(song, None)
         asm = self._assemblies.pop(song, None)
         if asm is not None:
             asm.close()

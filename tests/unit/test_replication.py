@@ -375,3 +375,72 @@ def test_lru_order_survives_a_restart(tmp_path: Path) -> None:
     c = reopened.put_bytes(song_bytes(KIB, 3), None, now=0.5)
     assert reopened.evict(protected=(), now=1.0) == [b, a]
     assert reopened.songs() == [c]
+
+
+# -- transfers in progress: bounded, counted in the cap, dropped when idle --------------------
+
+
+def test_open_transfers_are_bounded(tmp_path: Path) -> None:
+    from nsync_mqtt.replication import MAX_ASSEMBLIES
+
+    store = SongStore(tmp_path, cap_bytes=10 << 20)
+    songs = []
+    for i in range(MAX_ASSEMBLIES + 3):
+        data = song_bytes(2 * KIB, i)
+        m = manifest(data)
+        songs.append(m.song)
+        header, body = chunk(m, data, 0)
+        if i < MAX_ASSEMBLIES:
+            store.add_chunk(header, body, now=float(i))
+        else:  # refused; the open ones go on
+            with pytest.raises(ProtocolError, match="too many transfers in progress"):
+                store.add_chunk(header, body, now=float(i))
+    assert {m.song for m in store.partial_songs()} == set(songs[:MAX_ASSEMBLIES])
+    assert len(list((tmp_path / "partial").glob("*.part"))) == MAX_ASSEMBLIES
+    data = song_bytes(2 * KIB, 0)
+    m = manifest(data)
+    header, body = chunk(m, data, 1)  # an open one completes, and makes room
+    assert store.add_chunk(header, body, now=99.0) == (m.song, True)
+    data = song_bytes(2 * KIB, MAX_ASSEMBLIES)
+    header, body = chunk(manifest(data), data, 0)
+    store.add_chunk(header, body, now=100.0)
+    store.close()
+
+
+def test_open_transfers_count_in_the_store_cap(tmp_path: Path) -> None:
+    store = SongStore(tmp_path, cap_bytes=10 * KIB)
+    big = song_bytes(6 * KIB, 1)
+    other = song_bytes(6 * KIB, 2)
+    h, b = chunk(manifest(big), big, 0)
+    store.add_chunk(h, b, now=1.0)
+    assert store.partial_bytes() == 6 * KIB
+    h, b = chunk(manifest(other), other, 0)
+    with pytest.raises(ProtocolError, match="no room for a 6144-byte transfer"):
+        store.add_chunk(h, b, now=2.0)
+    # a complete song is evicted to make room for what is being received
+    small = song_bytes(5 * KIB, 3)
+    song = store.put_bytes(small, None, now=3.0)
+    assert store.evict(protected=(), now=4.0) == [song]
+    store.close()
+
+
+def test_an_idle_transfer_is_dropped_with_its_files(tmp_path: Path) -> None:
+    store = SongStore(tmp_path, cap_bytes=10 * KIB)
+    m = manifest()
+    h, b = chunk(m, DATA, 0)
+    store.add_chunk(h, b, now=100.0)
+    assert store.prune_partials(now=150.0, idle_s=60.0) == []
+    h, b = chunk(m, DATA, 1)
+    store.add_chunk(h, b, now=150.0)  # fed again: its idle time starts over
+    assert store.prune_partials(now=200.0, idle_s=60.0) == []
+    assert store.prune_partials(now=210.0, idle_s=60.0) == [SONG]
+    assert store.partial_songs() == [] and list((tmp_path / "partial").iterdir()) == []
+    # a transfer resumed from disk without a chunk yet starts its idle time at the first look
+    store.add_chunk(h, b, now=300.0)
+    store.close()
+    store = SongStore(tmp_path, cap_bytes=10 * KIB)
+    store.assembly(m)
+    assert store.prune_partials(now=5.0, idle_s=60.0) == []
+    assert store.prune_partials(now=64.0, idle_s=60.0) == []
+    assert store.prune_partials(now=65.0, idle_s=60.0) == [SONG]
+    store.close()
