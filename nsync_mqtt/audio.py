@@ -1,7 +1,10 @@
 """Decoding songs to a PCM cache on disk, and the sinks that play them.
 
 Every song is decoded once, ahead of time, to raw 16-bit little-endian stereo at 44.1 kHz
-(``<cache>/<song>.pcm``), because decoding a whole MP3 takes about a second (much more on a Pi).
+(``<cache>/<song>.<frames>.pcm``), because decoding a whole MP3 takes about a second (much more
+on a Pi). The frame count in the name is checked against the file's size when the song is first
+used: a file cut short (a power cut before the disk wrote it all) is removed and decoded again,
+never played short.
 
 Sinks take *host* monotonic times: the node converts its own clock with ``Clock.to_host`` before
 calling them, because audio hardware (and the virtual DAC) is paced by the host.
@@ -233,22 +236,45 @@ def _gist(err: Exception) -> str:
 
 
 class PcmCache:
-    """Decoded songs under ``root``, one ``<song>.pcm`` file each."""
+    """Decoded songs under ``root``, one ``<song>.<frames>.pcm`` file each (module doc)."""
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._tracks: dict[str, PcmTrack] = {}
+        self.rebuilt = 0  # cache files found cut short (or unreadable) and removed
+        for old in self.root.glob("*.pcm"):  # an older layout, without the frame count
+            if old.name.count(".") == 1:
+                old.unlink(missing_ok=True)
+        for tmp in self.root.glob("*.tmp*"):  # a decode cut off by a crash
+            tmp.unlink(missing_ok=True)
 
-    def _path(self, song: str) -> Path:
-        return self.root / f"{song}.pcm"
+    def _path(self, song: str, frames: int) -> Path:
+        return self.root / f"{song}.{frames}.pcm"
+
+    def _find(self, song: str) -> PcmTrack | None:
+        """The song's cache file if it is whole; a file of the wrong size is removed."""
+        for path in self.root.glob(f"{song}.*.pcm"):
+            frames_s = path.name[len(song) + 1 : -len(".pcm")]
+            try:
+                whole = frames_s.isdigit() and path.stat().st_size == int(frames_s) * FRAME_BYTES
+            except OSError:
+                whole = False
+            if whole:
+                return PcmTrack(song, path)
+            log.warning("decoded audio of %s… is cut short: decoding it again", song[:12])
+            self.rebuilt += 1
+            path.unlink(missing_ok=True)
+        return None
 
     def get(self, song: str) -> PcmTrack | None:
         with self._lock:
             track = self._tracks.get(song)
-            if track is None and self._path(song).exists():
-                track = self._tracks[song] = PcmTrack(song, self._path(song))
+            if track is None:
+                track = self._find(song)
+                if track is not None:
+                    self._tracks[song] = track
             return track
 
     def decode(self, song: str, src_path: Path | str, max_seconds: float | None = None) -> PcmTrack:
@@ -276,8 +302,8 @@ class PcmCache:
             raise DecodeError(f"cannot decode {src.name}: {_gist(err)}") from err
         if not data:
             raise DecodeError(f"cannot decode {src.name}: no audio in it")
-        final = self._path(song)
-        tmp = final.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+        final = self._path(song, len(data) // FRAME_BYTES)
+        tmp = self.root / f"{song}.tmp{os.getpid()}.{threading.get_ident()}"
         try:
             tmp.write_bytes(data)
             os.replace(tmp, final)
@@ -291,7 +317,8 @@ class PcmCache:
         """Forget ``song``; a sink still holding its track reads on until it lets go."""
         with self._lock:
             self._tracks.pop(song, None)
-            self._path(song).unlink(missing_ok=True)
+            for path in self.root.glob(f"{song}.*.pcm"):
+                path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- sinks

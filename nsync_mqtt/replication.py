@@ -492,8 +492,12 @@ class SongStore:
             raise ProtocolError(f"hash mismatch: expected {expected}, got {song}")
         if not self.has(song):
             tmp = self._partial_dir / f"{song}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+            except OSError:  # a full disk: leave nothing behind that could pass as the song
+                tmp.unlink(missing_ok=True)
+                raise
             self._discard_partial(song)
             os.replace(tmp, self.path(song))
             self._sizes[song] = size

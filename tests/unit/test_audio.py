@@ -572,3 +572,29 @@ def test_a_wav_longer_than_the_limit_is_refused(tmp_path: Path) -> None:
     src.write_bytes(make_tone_wav(3.0, 440.0, "Long", "Tester"))
     with pytest.raises(DecodeError, match="longer than the limit of"):
         PcmCache(tmp_path / "pcm").decode("d" * 56, src, max_seconds=2.0)
+
+
+def test_a_cache_file_cut_short_is_removed_and_decoded_again(tmp_path: Path) -> None:
+    cache = PcmCache(tmp_path / "pcm")
+    track = cache.decode("a", wav_file(tmp_path, "a.wav", 0.1))
+    frames = track.frames
+    (path,) = (tmp_path / "pcm").glob("a.*.pcm")
+    assert path.name == f"a.{frames}.pcm"
+    # a power cut before the disk wrote it all: a restarted node finds it short
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    fresh = PcmCache(tmp_path / "pcm")
+    assert fresh.get("a") is None and fresh.rebuilt == 1
+    assert list((tmp_path / "pcm").iterdir()) == []
+    assert fresh.decode("a", wav_file(tmp_path, "a.wav", 0.1)).frames == frames
+    assert PcmCache(tmp_path / "pcm").get("a") is not None
+
+
+def test_leftovers_of_an_older_layout_or_a_crash_are_cleared(tmp_path: Path) -> None:
+    root = tmp_path / "pcm"
+    root.mkdir()
+    (root / "a.pcm").write_bytes(bytes(400))  # no frame count: not trusted
+    (root / "b.tmp123.456").write_bytes(bytes(40))
+    cache = PcmCache(root)
+    assert cache.get("a") is None
+    assert list(root.iterdir()) == []
