@@ -44,6 +44,7 @@ from nsync_mqtt.replication import (
     TransferQueue,
     chunk_header,
     read_chunk,
+    sha224_file,
 )
 from nsync_mqtt.seal import Opener, Sealer, next_boot, read_key
 from nsync_mqtt.speaker import Speaker
@@ -55,6 +56,7 @@ NODE_STATE_PERIOD_S = 1.0
 HOUSEKEEPING_S = 0.25
 TRANSFER_WINDOW = 2  # chunks of a background song transfer not yet taken by the broker
 TRANSFER_ACK_TIMEOUT_S = 2.0  # a chunk the broker has not taken by then no longer holds up the next
+DAMAGED = "the stored file does not match its hash"
 MAX_EXPECTED_UPLOADS = 8  # client uploads whose chunks a signing node takes at once
 UNEXPECTED_CHUNK = "chunk of no upload in progress"
 
@@ -620,6 +622,8 @@ class Node:
         max_s = self.cfg.max_song_minutes * 60.0
 
         def work() -> tuple[dict[str, Any], str | None]:
+            if sha224_file(src) != song:  # written over, or cut short by a power cut
+                return {}, DAMAGED
             meta = audio.probe(src)
             declared = meta.get("duration_s")
             if isinstance(declared, (int, float)) and declared > max_s:  # no need to decode
@@ -640,6 +644,14 @@ class Node:
                 meta, error = f.result()
             except Exception as err:  # a decoder crash must not take the node down
                 meta, error = {}, f"decoder failed: {err}"
+            if error == DAMAGED:  # never played short: dropped, and fetched again if needed
+                log.warning("song %s… in the store is damaged: fetching it again", song[:12])
+                self.faults.record("damaged song file", ProtocolError(DAMAGED))
+                self.store.remove(song)
+                self.pcm.remove(song)
+                self.core.songs_gone([song])
+                self._publish_node_state()
+                return
             if error is None:
                 meta["size"] = size
                 name = self.store.meta(song).get("name")  # learnt from a load, kept

@@ -189,3 +189,40 @@ def test_a_song_whose_sender_died_mid_transfer_is_asked_for_again(
         wait_for(holds_both, 30, f"{speaker} to hold both songs")
     log_text = cluster.node_log(speaker).read_text(errors="replace")
     assert f"no progress on {next_song[:12]}… for" in log_text
+
+
+def test_a_damaged_song_file_found_at_start_is_fetched_again_not_played_short(
+    proxied: tuple[NodeCluster, FaultProxy], tmp_path: Path
+) -> None:
+    """A power cut left a speaker's song file with the right size and the wrong bytes, and its
+    decoded audio gone: the restarted speaker notices before decoding, drops the file, fetches
+    the song again and plays it whole."""
+    cluster, _ = proxied
+    states = cluster.wait_ready()
+    speaker = next(n for n, s in states.items() if s.get("role") != "master" and n != "n3")
+    path = tone_file(tmp_path, "Damaged", 8.0, 440.0)
+    song = sha224_file(path)
+    client = cluster.client(timeout=5.0)
+    ok(client.enqueue_song(path))
+    time.sleep(1.0)
+    cluster.stop_node(speaker)
+    stored = cluster.workdir / speaker / "store" / "songs" / song
+    size = stored.stat().st_size
+    stored.write_bytes(b"\0" * size)  # the size a preallocated transfer has, and no audio
+    shutil.rmtree(cluster.workdir / speaker / "pcm")
+    with cluster.watch() as w:
+        cluster.start_node(speaker)
+
+        def whole_again() -> dict[str, object] | None:
+            s = w.node_states(live_only=True).get(speaker) or {}
+            faults = s.get("faults") or {}
+            held = set(s.get("songs") or [])
+            back = song in held and stored.is_file() and sha224_file(stored) == song
+            return s if back and any("damaged song file" in k for k in faults) else None
+
+        wait_for(whole_again, 30, f"{speaker} to fetch the damaged song again")
+    ok(client.play())
+    time.sleep(1.5)
+    client.close()
+    blocks = [b for b in sinklog.read_log(cluster.sink_log(speaker)) if b.song == song]
+    assert blocks, f"{speaker} did not play the song fetched again"
