@@ -167,6 +167,7 @@ class Node:
         self.watchdog = LoopWatchdog()
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nsync-decode")
         self._decoding: set[str] = set()
+        self._evict_after_decode: set[str] = set()  # new songs: the store is trimmed once they play
         self._wake = asyncio.Event()
         self._waits_until = -math.inf  # node time the election step sleeps until
         self._stop = asyncio.Event()
@@ -364,7 +365,11 @@ class Node:
         for song, name in eff.names:
             self.store.set_name(song, name)
         if eff.evict_keep is not None:
-            self._evict(eff.evict_keep)
+            keep = eff.evict_keep
+            if self.pcm.get(keep) is not None:
+                self._evict(keep)
+            else:  # nothing is evicted for a song that may turn out not to play
+                self._evict_after_decode.add(keep)
         if eff.node_state:
             self._publish_node_state(force=True)
         if eff.state_soon and self._state_timer is None and self.loop is not None:
@@ -644,6 +649,10 @@ class Node:
                 meta, error = f.result()
             except Exception as err:  # a decoder crash must not take the node down
                 meta, error = {}, f"decoder failed: {err}"
+            if song in self._evict_after_decode:
+                self._evict_after_decode.discard(song)
+                if error is None:
+                    self._evict(song)
             if error == DAMAGED:  # never played short: dropped, and fetched again if needed
                 log.warning("song %s… in the store is damaged: fetching it again", song[:12])
                 self.faults.record("damaged song file", ProtocolError(DAMAGED))

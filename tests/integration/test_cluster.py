@@ -5,6 +5,7 @@ of what each node played and when."""
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -224,6 +225,20 @@ def test_store_evicts_least_recently_used_but_never_the_playlist(
         wait_for(evicted, 10, "every node to evict the unprotected song")
     refused = client.enqueue_song(hb)
     assert not refused["success"] and "not loaded" in refused["msg"], refused
+    # a file that turns out not to play evicts nothing: c (least recently used now) stays
+    junk = tmp_path / "junk.mp3"
+    junk.write_bytes(random.Random(5).randbytes(700_000))
+    hj = sha224_file(junk)
+    refused = client.load_song(junk)
+    assert not refused["success"], refused
+    with cluster.watch() as w:
+
+        def junk_gone() -> bool:
+            states = w.node_states()
+            return len(states) == 3 and all(hj not in s["songs"] for s in states.values())
+
+        wait_for(junk_gone, 10, "every node to drop the unplayable file")
+        assert all({ha, hc} <= set(s["songs"]) for s in w.node_states().values())
 
 
 def test_a_restarted_cluster_remembers_its_playlist_and_terms(
