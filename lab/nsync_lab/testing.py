@@ -591,6 +591,14 @@ def ok(reply: dict[str, Any]) -> dict[str, Any]:
     return reply
 
 
+def player_state(raw: RawClient) -> dict[str, Any]:
+    """The master's player state (a status reply's), without what moves by itself."""
+    state = dict(ok(raw.request("status"))["state"])
+    for moving in ("position", "position_at", "nodes"):
+        state.pop(moving)
+    return state
+
+
 def refused(reply: dict[str, Any], command: str, *words: str) -> str:
     """The message of a well-formed failure reply to ``command`` that contains every one of
     ``words``; AssertionError naming the reply otherwise."""

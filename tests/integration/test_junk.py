@@ -19,6 +19,7 @@ from nsync_lab.testing import (
     RawClient,
     Watcher,
     ok,
+    player_state,
     ready_cluster,
     unique_cluster_name,
     unsealed,
@@ -106,13 +107,6 @@ def raw(cluster: NodeCluster) -> Iterator[RawClient]:
     subscriptions = [f"{topics.base}/reply/#", topics.internal("hb")]
     with RawClient(cluster.broker_url, cluster.cluster, subscriptions) as r:
         yield r
-
-
-def player_state(raw: RawClient) -> dict[str, Any]:
-    state = dict(ok(raw.request("status"))["state"])
-    for moving in ("position", "position_at", "nodes"):
-        state.pop(moving)
-    return state
 
 
 def heartbeats_from(raw: RawClient, master: str, since: int) -> list[int]:

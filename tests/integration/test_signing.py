@@ -9,11 +9,19 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from nsync_lab.testing import NodeCluster, RawClient, Watcher, ok, tone_file, unsealed, wait_for
+from nsync_lab.testing import (
+    NodeCluster,
+    RawClient,
+    Watcher,
+    ok,
+    player_state,
+    tone_file,
+    unsealed,
+    wait_for,
+)
 from nsync_mqtt.client import NSyncClient
 from nsync_mqtt.messages import Topics, encode, encode_chunk
 from nsync_mqtt.persist import StateFile
@@ -30,13 +38,6 @@ def raw(cluster: NodeCluster) -> Iterator[RawClient]:
     subscriptions = [topics.internal("#"), f"{topics.base}/reply/#"]
     with RawClient(cluster.broker_url, cluster.cluster, subscriptions) as r:
         yield r
-
-
-def player_state(raw: RawClient) -> dict[str, Any]:
-    state = dict(ok(raw.request("status"))["state"])
-    for moving in ("position", "position_at", "nodes"):
-        state.pop(moving)
-    return state
 
 
 def durable_terms(cluster: NodeCluster) -> dict[str, int]:
