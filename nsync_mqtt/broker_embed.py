@@ -127,6 +127,11 @@ async def _bounded_fixed_header(cls: type[MQTTFixedHeader], reader: Any) -> Any:
                     limit,
                     _oversize[0],
                 )
+            # closed here: amqtt lets the connection go without closing it, and Python before
+            # 3.11.5 (Debian 12 has 3.11.2) does not close a dropped stream's socket
+            transport = getattr(getattr(reader, "_reader", None), "_transport", None)
+            if isinstance(transport, asyncio.BaseTransport):
+                transport.close()
             raise PacketTooLarge(f"{header.remaining_length} bytes")
     return header
 

@@ -312,3 +312,36 @@ def test_a_client_flooding_commands_is_told_to_slow_down_and_others_are_not(net:
     body = json.dumps({"reply_to": "flood", "client_req_id": "later"}).encode()
     net.run("a", master.command(net.now, "status", body))
     assert net.replies("flood")[-1]["success"]
+
+
+def test_a_client_over_the_command_rate_is_told_to_slow_down(net: Net) -> None:
+    master = net.nodes["a"].master
+    assert master is not None
+    master.rate = type(master.rate)(burst=2, rate=1.0)
+    for i in range(3):
+        net.run("a", command(net, "status", {"client_req_id": i}))
+    replies = net.replies("cli")
+    assert [r["success"] for r in replies] == [True, True, False]
+    assert replies[2]["msg"].startswith("too many commands") and replies[2]["client_req_id"] == 2
+    net.now += 1.0
+    net.run("a", command(net, "status", {"client_req_id": 3}))
+    assert net.replies("cli")[-1]["success"]
+
+
+def test_finished_reports_keep_only_the_current_slots_song(net: Net) -> None:
+    master = net.nodes["a"].master
+    assert master is not None
+    for slot in range(50):  # forged or stale reports of songs not playing
+        master.count_finished(net.now, Effects(), "b", slot, "e" * 56)
+    assert master.finished == {}
+
+
+def test_uploads_in_progress_are_capped(net: Net) -> None:
+    from nsync_mqtt.master import MAX_UPLOADS
+
+    for i in range(MAX_UPLOADS + 1):
+        song = f"{i:x}".rjust(56, "c")
+        net.run("a", command(net, "load", {"song": song, "size": 2048, "client_req_id": i}))
+    (refused,) = net.replies("cli")
+    assert refused["client_req_id"] == MAX_UPLOADS and not refused["success"]
+    assert "too many uploads" in refused["msg"]
