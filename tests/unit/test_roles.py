@@ -314,20 +314,6 @@ def test_a_client_flooding_commands_is_told_to_slow_down_and_others_are_not(net:
     assert net.replies("flood")[-1]["success"]
 
 
-def test_a_client_over_the_command_rate_is_told_to_slow_down(net: Net) -> None:
-    master = net.nodes["a"].master
-    assert master is not None
-    master.rate = type(master.rate)(burst=2, rate=1.0)
-    for i in range(3):
-        net.run("a", command(net, "status", {"client_req_id": i}))
-    replies = net.replies("cli")
-    assert [r["success"] for r in replies] == [True, True, False]
-    assert replies[2]["msg"].startswith("too many commands") and replies[2]["client_req_id"] == 2
-    net.now += 1.0
-    net.run("a", command(net, "status", {"client_req_id": 3}))
-    assert net.replies("cli")[-1]["success"]
-
-
 def test_finished_reports_keep_only_the_current_slots_song(net: Net) -> None:
     master = net.nodes["a"].master
     assert master is not None
