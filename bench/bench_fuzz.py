@@ -21,7 +21,6 @@ Exits 1 if anything broke.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import multiprocessing
@@ -34,9 +33,8 @@ from typing import Any
 import common
 from common import arg_parser, broker, conditions, record, table
 
-from nsync_lab.fuzz import LiveFuzzer, Tally, batches, flatten, fuzz_sim, sample
-from nsync_lab.testing import NodeCluster, RawClient, load_and_enqueue, ok, tone_file
-from nsync_mqtt.messages import Topics
+from nsync_lab.fuzz import Tally, batches, flatten, fuzz_sim, live_fuzzer, sample
+from nsync_lab.testing import NodeCluster
 
 assert common.REPO  # run from anywhere: common puts the repository on sys.path
 
@@ -85,20 +83,7 @@ def run_live(kind: str, inputs: int, round_: int, seed: int) -> dict[str, Any]:
         cluster.start()
         try:
             cluster.wait_ready()
-            topics = Topics(cluster.cluster)
-            subs = [f"{topics.base}/reply/#", topics.internal("#")]
-            with (
-                contextlib.closing(cluster.client(timeout=10.0)) as client,
-                cluster.watch() as watcher,
-                RawClient(b.url, cluster.cluster, subs) as raw,
-            ):
-                for i in range(2):
-                    load_and_enqueue(
-                        client, tone_file(Path(tmp), f"fuzz-{i}", 2.0, 440.0 + 110 * i)
-                    )
-                ok(client.volume(37))
-                time.sleep(1.0)  # real traffic to replay
-                fz = LiveFuzzer(cluster, raw, watcher)
+            with live_fuzzer(cluster, Path(tmp)) as (fz, client, _raw):
                 n = 0
                 while fz.tally.inputs < inputs:
                     n += 1

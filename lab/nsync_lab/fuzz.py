@@ -32,11 +32,14 @@ Two drivers check the same properties:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, Phase, given, settings
@@ -1350,3 +1353,24 @@ def _dict_diff(a: Any, b: Any) -> str:
             f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)
         )[:1000]
     return f"{a!r} -> {b!r}"[:1000]
+
+
+@contextlib.contextmanager
+def live_fuzzer(cluster: Any, workdir: Path) -> Iterator[tuple[LiveFuzzer, Any, Any]]:
+    """A :class:`LiveFuzzer` on a ready cluster with two songs enqueued, the volume at 37 and a
+    second of real traffic captured for the replays; with the client and raw client it used."""
+    from nsync_lab.testing import RawClient, load_and_enqueue, ok, tone_file
+    from nsync_mqtt.messages import Topics
+
+    topics = Topics(cluster.cluster)
+    subscriptions = [f"{topics.base}/reply/#", topics.internal("#")]
+    with (
+        contextlib.closing(cluster.client(timeout=10.0)) as client,
+        cluster.watch() as watcher,
+        RawClient(cluster.broker_url, cluster.cluster, subscriptions) as raw,
+    ):
+        for i in range(2):
+            load_and_enqueue(client, tone_file(workdir, f"fuzz-{i}", 2.0, 440.0 + 110 * i))
+        ok(client.volume(37))
+        time.sleep(1.0)  # real traffic for the replays
+        yield LiveFuzzer(cluster, raw, watcher), client, raw

@@ -10,26 +10,20 @@ bench/bench_fuzz.py; tests/integration/test_junk.py holds the hand-written cases
 
 from __future__ import annotations
 
-import contextlib
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from nsync_lab.fuzz import LiveFuzzer, batches, flatten, sample
+from nsync_lab.fuzz import batches, flatten, live_fuzzer, sample
 from nsync_lab.testing import (
     BrokerProcess,
     NodeCluster,
-    RawClient,
-    load_and_enqueue,
     ok,
     ready_cluster,
-    tone_file,
     unique_cluster_name,
 )
-from nsync_mqtt.messages import Topics
 
 pytestmark = pytest.mark.integration
 
@@ -56,18 +50,7 @@ def cluster(
 def test_fuzzed_junk_on_every_subscribed_topic_changes_nothing(
     cluster: NodeCluster, tmp_path: Path
 ) -> None:
-    topics = Topics(cluster.cluster)
-    subscriptions = [f"{topics.base}/reply/#", topics.internal("#")]
-    with (
-        contextlib.closing(cluster.client(timeout=10.0)) as client,
-        cluster.watch() as watcher,
-        RawClient(cluster.broker_url, cluster.cluster, subscriptions) as raw,
-    ):
-        for i in range(2):
-            load_and_enqueue(client, tone_file(tmp_path, f"fuzz-{i}", 2.0, 440.0 + 110 * i))
-        ok(client.volume(37))
-        time.sleep(1.0)  # real traffic for the replays
-        fz = LiveFuzzer(cluster, raw, watcher)
+    with live_fuzzer(cluster, tmp_path) as (fz, client, raw):
         assert len(fz.ctx.captured) > 20 and fz.ctx.playlist_len == 2
         inputs = flatten(x for b in sample(batches(fz.ctx, 30), BATCHES, SEED) for x in b)
         fz.feed(inputs)
