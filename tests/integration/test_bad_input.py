@@ -44,7 +44,15 @@ def slotted(
 ) -> str:
     """A 2 s song, loaded and slotted as the current song (so seek has something to seek in)."""
     path = tone_file(tmp_path_factory.mktemp("songs"), "Slotted", 2.0, 440.0)
-    return load_and_enqueue(client, path)
+    song = load_and_enqueue(client, path)
+    # The tags and duration reach the state once the master has read the file: wait for them,
+    # so that the before/after snapshots of the tests below do not see them arrive.
+    wait_for(
+        lambda: ok(client.status())["state"].get("duration") is not None,
+        timeout_s=20.0,
+        what="the slotted song's duration in the master's state",
+    )
+    return song
 
 
 @pytest.fixture
