@@ -2,7 +2,7 @@
 
 Every song is decoded once, ahead of time, to raw 16-bit little-endian stereo at 44.1 kHz
 (``<cache>/<song>.<frames>.pcm``), because decoding a whole MP3 takes about a second (much more
-on a Pi). The frame count in the name is checked against the file's size when the song is first
+on a Pi). ffmpeg's output is streamed to the file, never held whole in memory. The frame count in the name is checked against the file's size when the song is first
 used: a file cut short (a power cut before the disk wrote it all) is removed and decoded again,
 never played short.
 
@@ -27,7 +27,10 @@ import json
 import logging
 import math
 import os
+import shutil
 import struct
+import subprocess
+import tempfile
 import threading
 import time
 import wave
@@ -235,6 +238,163 @@ def _gist(err: Exception) -> str:
     return f"{lines[0]} ({lines[-1]})"
 
 
+DECODE_BLOCK_BYTES = 1 << 20
+"""Decoded audio is written to the cache this much at a time."""
+
+
+def _wav_as_is(src: Path) -> bool:
+    """Whether ``src`` is a plain PCM WAV already in the cache's layout (copied, not decoded)."""
+    try:
+        with wave.open(str(src), "rb") as w:
+            return (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (
+                CHANNELS,
+                SAMPLE_WIDTH,
+                RATE,
+            )
+    except (OSError, EOFError, wave.Error, struct.error, ValueError):
+        return False
+
+
+def _ffmpeg() -> str | None:
+    return shutil.which("ffmpeg")
+
+
+def _over(written: int, limit: int | None) -> bool:
+    return limit is not None and written > limit
+
+
+def _decode_to(src: Path, out: Any, limit: int | None) -> int:
+    """Write ``src`` as s16le stereo ``RATE`` PCM to the binary file ``out``, a block at a time;
+    stop once more than ``limit`` bytes were written. Returns the bytes written."""
+    if _wav_as_is(src):
+        written = 0
+        with wave.open(str(src), "rb") as w:
+            while not _over(written, limit):
+                block = w.readframes(DECODE_BLOCK_BYTES // FRAME_BYTES)
+                if not block:
+                    break
+                out.write(block)
+                written += len(block)
+        return written
+    ffmpeg = _ffmpeg()
+    if ffmpeg is not None:
+        kept = _ffmpeg_to(ffmpeg, src, out, limit, downmix=False)
+        if kept is None:  # more than two channels: ffmpeg mixes them down
+            out.seek(0)
+            out.truncate()
+            kept = _ffmpeg_to(ffmpeg, src, out, limit, downmix=True)
+        assert kept is not None
+        return kept
+    if not _is_wav(src):
+        raise DecodeError(f"cannot decode {src.name}: ffmpeg is not installed")
+    return _pydub_wav_to(src, out)
+
+
+def _read_exactly(stream: Any, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        more = stream.read(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _wav_stream_channels(stream: Any) -> int | None:
+    """Read a streamed WAV's header up to its ``data`` chunk; its channel count, or None if the
+    stream is not such a WAV (ffmpeg then says why on stderr)."""
+    head = _read_exactly(stream, 12)
+    if sniff(head) != "wav":
+        return None
+    channels = None
+    while True:
+        chunk = _read_exactly(stream, 8)
+        if len(chunk) < 8:
+            return None
+        cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+        if cid == b"data":
+            return channels
+        if size > 1 << 20:  # a header chunk is small; this is no header
+            return None
+        body = _read_exactly(stream, size + (size & 1))
+        if cid == b"fmt " and len(body) >= 4:
+            channels = struct.unpack_from("<H", body, 2)[0]
+
+
+def _mono_to_stereo(samples: bytes) -> bytes:
+    """s16le mono samples (an even number of bytes) as stereo, each sample in both channels."""
+    out = bytearray(2 * len(samples))
+    for i in range(2):
+        out[i::4] = samples[i::2]
+        out[2 + i :: 4] = samples[i::2]
+    return bytes(out)
+
+
+def _ffmpeg_to(ffmpeg: str, src: Path, out: Any, limit: int | None, downmix: bool) -> int | None:
+    """Decode with an ffmpeg process whose output is read a block at a time. ffmpeg keeps the
+    channels (a mono song is copied to both channels here, at full level, where ffmpeg would
+    lower it 3 dB); with more than two channels this returns None unless ``downmix``."""
+    cmd = [ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(src), "-vn"]
+    if limit is not None:  # ffmpeg stops a second past the limit by itself, too
+        cmd += ["-t", f"{limit / (RATE * FRAME_BYTES) + 1.0:.3f}"]
+    cmd += ["-map_metadata", "-1", "-fflags", "+bitexact", "-acodec", "pcm_s16le"]
+    cmd += ["-ar", str(RATE), *(["-ac", str(CHANNELS)] if downmix else []), "-f", "wav", "pipe:1"]
+    written = 0
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors
+        )
+        stream = proc.stdout
+        assert stream is not None
+        channels: int | None = None
+        ended = False  # ffmpeg closed its output: it is exiting and is waited for, not killed
+        try:
+            channels = _wav_stream_channels(stream)
+            odd = b""
+            while channels in (1, 2) and not _over(written, limit):
+                block = stream.read(DECODE_BLOCK_BYTES // 2)
+                if not block:
+                    ended = True
+                    break
+                if channels == 1:
+                    block, odd = odd + block, b""
+                    if len(block) % 2:
+                        block, odd = block[:-1], block[-1:]
+                    block = _mono_to_stereo(block)
+                out.write(block)
+                written += len(block)
+        finally:
+            if not ended:  # refused, over the limit, or failed: no need to finish
+                proc.kill()
+            stream.close()
+            code = proc.wait()
+        if channels is not None and channels > 2 and not downmix:
+            return None
+        if channels in (1, 2) and (code == 0 or _over(written, limit)):
+            return written
+        size = errors.seek(0, os.SEEK_END)
+        errors.seek(max(0, size - 4096))
+        said = errors.read().decode("utf-8", "replace").strip()
+        if not said:
+            said = f"ffmpeg exited with {code}" if code else f"{channels} channels"
+        raise DecodeError(f"cannot decode {src.name}: {_gist(Exception(said))}")
+
+
+def _pydub_wav_to(src: Path, out: Any) -> int:
+    """A WAV in another layout, converted by pydub without ffmpeg (a WAV is uncompressed, so it
+    is held in memory at a few times its own size, which the store's limits already bound)."""
+    try:
+        from pydub import AudioSegment
+
+        seg = AudioSegment.from_file(str(src), format="wav")
+        seg = seg.set_frame_rate(RATE).set_channels(CHANNELS).set_sample_width(SAMPLE_WIDTH)
+        data = seg.raw_data
+    except Exception as err:
+        raise DecodeError(f"cannot decode {src.name}: {_gist(err)}") from err
+    out.write(data)
+    return len(data)
+
+
 class PcmCache:
     """Decoded songs under ``root``, one ``<song>.<frames>.pcm`` file each (module doc)."""
 
@@ -279,34 +439,31 @@ class PcmCache:
 
     def decode(self, song: str, src_path: Path | str, max_seconds: float | None = None) -> PcmTrack:
         """Decode ``src_path`` (blocking: seconds for a long MP3); returns a cached song as is.
-        With ``max_seconds``, a song that plays longer is refused (DecodeError) having decoded
-        no more than that: a small compressed file cannot fill memory and disk with PCM."""
+
+        The PCM is streamed to disk a block at a time (``DECODE_BLOCK_BYTES``), never held whole
+        in memory. With ``max_seconds``, a song that plays longer is refused (DecodeError) having
+        written no more than that: a small compressed file cannot fill memory or disk with PCM.
+        A disk that fills up while writing leaves nothing behind."""
         cached = self.get(song)
         if cached is not None:
             return cached
         src = Path(src_path)
-        try:
-            from pydub import AudioSegment
-
-            fmt = "wav" if _is_wav(src) else None
-            cap = None if max_seconds is None else max_seconds + 1.0
-            seg = AudioSegment.from_file(str(src), format=fmt, duration=cap)
-        except Exception as err:
-            raise DecodeError(f"cannot decode {src.name}: {_gist(err)}") from err
-        if max_seconds is not None and seg.duration_seconds > max_seconds:
-            raise DecodeError(too_long(max_seconds))
-        try:
-            seg = seg.set_frame_rate(RATE).set_channels(CHANNELS).set_sample_width(SAMPLE_WIDTH)
-            data = seg.raw_data
-        except Exception as err:
-            raise DecodeError(f"cannot decode {src.name}: {_gist(err)}") from err
-        if not data:
-            raise DecodeError(f"cannot decode {src.name}: no audio in it")
-        final = self._path(song, len(data) // FRAME_BYTES)
+        limit = None if max_seconds is None else math.ceil(max_seconds * RATE) * FRAME_BYTES
         tmp = self.root / f"{song}.tmp{os.getpid()}.{threading.get_ident()}"
         try:
-            tmp.write_bytes(data)
-            os.replace(tmp, final)
+            with tmp.open("wb") as out:
+                written = _decode_to(src, out, limit)
+            if limit is not None and written > limit:
+                assert max_seconds is not None
+                raise DecodeError(too_long(max_seconds))
+            if written < FRAME_BYTES:
+                raise DecodeError(f"cannot decode {src.name}: no audio in it")
+            frames = written // FRAME_BYTES
+            if written % FRAME_BYTES:
+                os.truncate(tmp, frames * FRAME_BYTES)
+            os.replace(tmp, self._path(song, frames))
+        except OSError as err:  # the disk is full, say
+            raise DecodeError(f"cannot write the decoded audio of {src.name}: {err}") from err
         finally:
             tmp.unlink(missing_ok=True)
         track = self.get(song)

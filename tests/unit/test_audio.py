@@ -72,7 +72,18 @@ def test_decode_wav_gives_16_bit_stereo_44k_frames(tmp_path: Path, cache: PcmCac
     assert cache.decode("song-a", tmp_path / "missing.wav") is track  # cached: no decode
 
 
-def test_decode_resamples_and_upmixes(tmp_path: Path, cache: PcmCache) -> None:
+@pytest.fixture(params=["ffmpeg", "no-ffmpeg"])
+def converter(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A WAV in another layout is converted by ffmpeg, or by pydub where ffmpeg is missing."""
+    if request.param == "ffmpeg":
+        if not ffmpeg_available():
+            pytest.skip("ffmpeg not installed")
+    else:
+        monkeypatch.setattr(audio, "_ffmpeg", lambda: None)
+    return str(request.param)
+
+
+def test_decode_resamples_and_upmixes(tmp_path: Path, cache: PcmCache, converter: str) -> None:
     src = tmp_path / "mono22k.wav"
     with wave.open(str(src), "wb") as w:
         w.setnchannels(1)
@@ -85,7 +96,7 @@ def test_decode_resamples_and_upmixes(tmp_path: Path, cache: PcmCache) -> None:
     assert mid == b"\x10\x00\x10\x00"
 
 
-def test_decode_converts_24_bit_samples(tmp_path: Path, cache: PcmCache) -> None:
+def test_decode_converts_24_bit_samples(tmp_path: Path, cache: PcmCache, converter: str) -> None:
     values = [0, 0x400000, -0x400000, 0x7FFFFF, -0x800000, 0x123456]
     src = tmp_path / "deep.wav"
     with wave.open(str(src), "wb") as w:
@@ -107,6 +118,75 @@ def test_decode_mp3(tmp_path: Path, cache: PcmCache) -> None:
     track = cache.decode("mp3", src)
     assert abs(track.frames - RATE) < 2048  # encoder padding
     assert track.path.stat().st_size == track.frames * FRAME_BYTES
+
+
+@needs_ffmpeg
+def test_decode_mixes_more_than_two_channels_down(tmp_path: Path, cache: PcmCache) -> None:
+    src = tmp_path / "surround.wav"
+    with wave.open(str(src), "wb") as w:  # 5.1, every channel at the same level
+        w.setnchannels(6)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        w.writeframes(b"\x00\x10" * 6 * (RATE // 10))
+    track = cache.decode("surround", src)
+    assert track.frames == RATE // 10
+    mid = track.read(RATE // 20, 1)
+    left, right = (int.from_bytes(mid[i : i + 2], "little", signed=True) for i in (0, 2))
+    assert left == right and left > 0
+
+
+def test_without_ffmpeg_only_wav_is_decoded(
+    tmp_path: Path, cache: PcmCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audio, "_ffmpeg", lambda: None)
+    assert cache.decode("wav", wav_file(tmp_path, "a.wav", 0.1)).frames == RATE // 10
+    src = tmp_path / "t.flac"
+    src.write_bytes(b"fLaC" + bytes(100))
+    with pytest.raises(DecodeError, match=r"t\.flac: ffmpeg is not installed"):
+        cache.decode("flac", src)
+    assert [p.name for p in cache.root.iterdir()] == [f"wav.{RATE // 10}.pcm"]
+
+
+def test_a_disk_that_fills_up_while_decoding_leaves_nothing(
+    tmp_path: Path, cache: PcmCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fill_up(src: Path, out: Any, limit: int | None) -> int:
+        out.write(bytes(FRAME_BYTES * 100))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(audio, "_decode_to", fill_up)
+    with pytest.raises(DecodeError, match=r"cannot write the decoded audio of a\.wav: .*No space"):
+        cache.decode("a", wav_file(tmp_path, "a.wav", 0.1))
+    assert cache.get("a") is None
+    assert list(cache.root.iterdir()) == []
+
+
+DECODE_IN_A_CHILD = """
+import resource, sys
+from nsync_mqtt.audio import PcmCache
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+track = PcmCache(sys.argv[2]).decode("long", sys.argv[1])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(track.frames, (after - before) * 1024)
+"""
+
+
+@needs_ffmpeg
+def test_decoding_streams_to_disk_without_holding_the_song_in_memory(tmp_path: Path) -> None:
+    """Ten minutes of FLAC decode to 106 MB of PCM; the decoding process grows by a few MB."""
+    import subprocess
+
+    src = _silence_flac(tmp_path / "long.flac", 600.0)
+    done = subprocess.run(
+        [sys.executable, "-c", DECODE_IN_A_CHILD, str(src), str(tmp_path / "pcm")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    frames, grown = (int(x) for x in done.stdout.split())
+    assert frames == 600 * RATE
+    assert grown < 16 * 1024 * 1024, f"the decoder grew by {grown / 1e6:.0f} MB"
 
 
 def test_decode_without_a_file_extension_still_reads_wav(tmp_path: Path, cache: PcmCache) -> None:
