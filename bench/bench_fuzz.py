@@ -83,7 +83,8 @@ def run_live(kind: str, inputs: int, round_: int, seed: int) -> dict[str, Any]:
         cluster.start()
         try:
             cluster.wait_ready()
-            with live_fuzzer(cluster, Path(tmp)) as (fz, client, _raw):
+            strict = kind == "mosquitto"
+            with live_fuzzer(cluster, Path(tmp), strict) as (fz, client, _raw):
                 n = 0
                 while fz.tally.inputs < inputs:
                     n += 1

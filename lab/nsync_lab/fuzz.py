@@ -787,7 +787,8 @@ class Problem:
 @dataclass
 class Tally:
     inputs: int = 0
-    skipped: int = 0  # forgeries an unsigned cluster cannot refuse (see the module doc)
+    skipped: int = 0  # not sent: forgeries an unsigned cluster cannot refuse (module doc), topics
+    # the MQTT client or the broker refuses
     replies_checked: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
@@ -1124,6 +1125,19 @@ def known_error_types() -> set[str]:
     return out
 
 
+def mosquitto_refuses_topic(topic: str) -> bool:
+    """Whether Mosquitto drops a client that publishes to ``topic``: its UTF-8 check refuses
+    control characters (U+0000-U+001F, U+007F-U+009F), surrogates and non-characters (MQTT
+    3.1.1 says a topic SHOULD NOT hold them; amqtt takes them)."""
+    for ch in topic:
+        c = ord(ch)
+        if c < 0x20 or 0x7F <= c <= 0x9F or 0xD800 <= c <= 0xDFFF or 0xFDD0 <= c <= 0xFDEF:
+            return True
+        if c & 0xFFFF in (0xFFFE, 0xFFFF):
+            return True
+    return False
+
+
 class LiveFuzzer:
     """Junk through a real broker into a running cluster of ``nsync node`` processes
     (``nsync_lab.testing.NodeCluster``), then the same checks as :class:`SimFuzzer`, read from
@@ -1132,9 +1146,11 @@ class LiveFuzzer:
     ``raw`` must be a ``RawClient`` subscribed to ``reply/#`` and ``internal/#`` for a while
     already (what it heard of the cluster's real traffic is replayed); ``watcher`` a
     ``Watcher`` of the cluster. The cluster must sign: without a key, well-formed chunks on
-    ``chunk/all`` are a client's upload, which may change the song store."""
+    ``chunk/all`` are a client's upload, which may change the song store. With
+    ``strict_topics`` (a Mosquitto broker) inputs on topics the broker refuses are skipped:
+    Mosquitto would drop the fuzzing client, and with it the replies it waits for."""
 
-    def __init__(self, cluster: Any, raw: Any, watcher: Any) -> None:
+    def __init__(self, cluster: Any, raw: Any, watcher: Any, strict_topics: bool = False) -> None:
         if cluster.key_file is None:
             raise ValueError("LiveFuzzer needs a signing cluster (NodeCluster(signed=True))")
         self.cluster = cluster
@@ -1142,6 +1158,7 @@ class LiveFuzzer:
         self.watcher = watcher
         self.base = f"nsync/{cluster.cluster}"
         self.signed = cluster.key_file is not None
+        self.strict_topics = strict_topics
         self.tally = Tally()
         self._n = 0
         self._expected: list[tuple[str, Junk]] = []
@@ -1252,11 +1269,16 @@ class LiveFuzzer:
                 rid = f"fz{self._n}"
                 payload = payload.replace(REPLY_SLOT.encode(), rid.encode())
             topic = j.topic[1:] if j.topic.startswith("/") else f"{self.base}/{j.topic}"
+            if self.strict_topics and mosquitto_refuses_topic(topic):
+                self.tally.skipped += 1
+                continue
             try:
                 self.raw.publish(topic, payload, retain=j.retain)
             except ValueError:  # a topic the MQTT client refuses to send
                 self.tally.skipped += 1
                 continue
+            except RuntimeError as err:  # the broker dropped the fuzzing client
+                raise RuntimeError(f"{err} (after or during {j.describe()[:300]})") from err
             if j.expect_reply:
                 self._expected.append((rid, j))
             node = j.topic.split("/")[1] if j.topic.startswith("node/") else None
@@ -1356,9 +1378,12 @@ def _dict_diff(a: Any, b: Any) -> str:
 
 
 @contextlib.contextmanager
-def live_fuzzer(cluster: Any, workdir: Path) -> Iterator[tuple[LiveFuzzer, Any, Any]]:
+def live_fuzzer(
+    cluster: Any, workdir: Path, strict_topics: bool = False
+) -> Iterator[tuple[LiveFuzzer, Any, Any]]:
     """A :class:`LiveFuzzer` on a ready cluster with two songs enqueued, the volume at 37 and a
-    second of real traffic captured for the replays; with the client and raw client it used."""
+    second of real traffic captured for the replays; with the client and raw client it used.
+    ``strict_topics``: the broker is Mosquitto (see :class:`LiveFuzzer`)."""
     from nsync_lab.testing import RawClient, load_and_enqueue, ok, tone_file
     from nsync_mqtt.messages import Topics
 
@@ -1373,4 +1398,4 @@ def live_fuzzer(cluster: Any, workdir: Path) -> Iterator[tuple[LiveFuzzer, Any, 
             load_and_enqueue(client, tone_file(workdir, f"fuzz-{i}", 2.0, 440.0 + 110 * i))
         ok(client.volume(37))
         time.sleep(1.0)  # real traffic for the replays
-        yield LiveFuzzer(cluster, raw, watcher), client, raw
+        yield LiveFuzzer(cluster, raw, watcher, strict_topics), client, raw
