@@ -2,9 +2,9 @@
 
 Every song is decoded once, ahead of time, to raw 16-bit little-endian stereo at 44.1 kHz
 (``<cache>/<song>.<frames>.pcm``), because decoding a whole MP3 takes about a second (much more
-on a Pi). ffmpeg's output is streamed to the file, never held whole in memory. The frame count in the name is checked against the file's size when the song is first
-used: a file cut short (a power cut before the disk wrote it all) is removed and decoded again,
-never played short.
+on a Pi). ffmpeg's output is streamed to the file, never held whole in memory. The frame count
+in the name is checked against the file's size when the song is first used: a file cut short (a
+power cut before the disk wrote it all) is removed and decoded again, never played short.
 
 Sinks take *host* monotonic times: the node converts its own clock with ``Clock.to_host`` before
 calling them, because audio hardware (and the virtual DAC) is paced by the host.
