@@ -66,6 +66,7 @@ PING_BURST_SAMPLES = 32  # samples taken quickly after a master change ...
 PING_BURST_INTERVAL_S = 0.02  # ... at this interval
 SONG_RETRY_S = 3.0  # a lacked playlist song with no progress for this long is asked for again
 SONG_RETRY_MAX_S = 60.0  # ... the interval doubling up to this while it stays stalled
+SONG_PROGRESS_KEEP_S = 600.0  # progress on a song outside the playlist is forgotten after this
 PINGS_REMEMBERED = 64  # a pong must answer one of this node's last pings
 LAG_HEARTBEATS = 3  # heartbeats showing another log before a node pulls the master's state
 
@@ -483,8 +484,21 @@ class Speaker:
         if self.master is not None:
             self.master.tick(now, eff)
         self._check_isolation(now, eff)
+        self._forget_stale_progress(now)
         self._retry_stalled_songs(now, eff)
         return eff
+
+    def _forget_stale_progress(self, now: float) -> None:
+        """Chunks of songs nobody finished (a load given up, junk from a peer) leave progress
+        behind: forgotten after ``SONG_PROGRESS_KEEP_S`` unless the playlist needs the song, so
+        the maps keyed by song stay bounded."""
+        wanted = set(self.state.playlist)
+        for song, at in list(self.song_progress.items()):
+            if song not in wanted and now - at > SONG_PROGRESS_KEEP_S:
+                del self.song_progress[song]
+        for song in list(self._song_retry_s):
+            if song not in self.song_progress:
+                del self._song_retry_s[song]
 
     def _check_isolation(self, now: float, eff: Effects) -> None:
         """No master, and no election can succeed (fewer than f+1 nodes reachable, this one
@@ -736,9 +750,11 @@ class Speaker:
             self.node_info.pop(peer, None)
             return eff
         self.node_info[peer] = info
-        for song, who in self.holders.items():
+        for song, who in list(self.holders.items()):
             if song not in info.songs:
                 who.discard(peer)
+                if not who:  # nobody holds it: forgotten (a state may list any hashes)
+                    del self.holders[song]
         for song in sorted(info.songs):
             self.holders.setdefault(song, set()).add(peer)
         if self.master is not None:

@@ -3,6 +3,7 @@ synchronous in-test message router, no sockets, no disk, no threads."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections import deque
@@ -331,3 +332,35 @@ def test_uploads_in_progress_are_capped(net: Net) -> None:
     (refused,) = net.replies("cli")
     assert refused["client_req_id"] == MAX_UPLOADS and not refused["success"]
     assert "too many uploads" in refused["msg"]
+
+
+def test_songs_named_in_peer_states_are_forgotten_once_no_one_holds_them() -> None:
+    """A node state may list any hashes (it is not signed): a stream of states naming new songs
+    each time leaves only what the peers hold now."""
+    a = make("a")
+    a.song_arrived(0.0, SONG)
+    for i in range(50):
+        junk = [f"{i:04d}{j:052d}" for j in range(20)]
+        a.node_state(float(i), "b", _peer_state(junk))
+        a.node_state(float(i), "c", _peer_state([SONG, *junk[:5]]))
+    last = [f"{49:04d}{j:052d}" for j in range(20)]
+    assert set(a.holders) == {SONG, *last}
+    assert a.holders[SONG] == {"a", "c"} and a.holders[last[0]] == {"b", "c"}
+    a.node_state(60.0, "b", _peer_state([]))
+    a.node_state(60.0, "c", _peer_state([SONG]))
+    assert a.holders == {SONG: {"a", "c"}}
+
+
+def test_progress_on_songs_outside_the_playlist_is_forgotten_after_ten_minutes() -> None:
+    from nsync_mqtt.speaker import SONG_PROGRESS_KEEP_S
+
+    a = make("a")
+    other = "b" * 56
+    for i in range(100):  # chunks of songs that never complete
+        a.chunk_progress(float(i), f"{i:056d}")
+    a.chunk_progress(0.0, other)
+    a.state = dataclasses.replace(a.state, playlist=(other,))
+    a.tick(50.0)
+    assert len(a.song_progress) == 101  # all recent
+    a.tick(SONG_PROGRESS_KEEP_S + 100.5)
+    assert set(a.song_progress) == {other}  # the playlist's song is kept: still wanted
