@@ -4,7 +4,9 @@
   subscribes to. A bigger one is dropped before it is parsed and counted as rejected.
 - :class:`RateLimiter`: a token bucket per client (its ``reply_to``): a burst, then a sustained
   rate. The keys are remote ids, so the map is bounded: past ``max_keys`` the buckets that are
-  full again (as good as new) are forgotten first, then the least recently used.
+  full again (as good as new) are forgotten first, then the least recently used. A client can
+  name itself anew for every command; one more bucket, shared by all clients, caps them all
+  together.
 
 The defaults are generous: a client that waits for each reply (the CLI, Home Assistant, the
 benchmarks, one command after another at 1-3 ms each) is never limited; a client that floods
@@ -34,6 +36,11 @@ PAYLOAD_LIMITS: dict[str, int] = {
 COMMAND_BURST = 1000  # commands a client may send at once ...
 COMMAND_RATE = 500.0  # ... and per second after that
 MAX_CLIENTS_TRACKED = 1024  # buckets kept (one per reply_to seen lately)
+ALL_COMMAND_BURST = 2000  # commands all clients together may send at once ...
+ALL_COMMAND_RATE = 1000.0  # ... and per second after that
+
+CLIENT = "client"  # RateLimiter.check: this client is over its rate
+ALL = "all"  # ... all clients together are over theirs
 
 
 def oversize(kind: str, size: int, limits: dict[str, int] | None = None) -> bool:
@@ -52,28 +59,38 @@ class _Bucket:
 class RateLimiter:
     """Token buckets keyed by client: ``allow(now, key)`` takes one token from ``key``'s bucket
     (``burst`` tokens when new, refilled at ``rate`` per second up to ``burst``) and says whether
-    there was one. Holds at most ``max_keys`` buckets."""
+    there was one. Holds at most ``max_keys`` buckets. All keys also draw on one shared bucket
+    of ``total_burst`` tokens refilled at ``total_rate``; a command refused by one bucket takes
+    no token from the other."""
 
     def __init__(
         self,
         burst: float = COMMAND_BURST,
         rate: float = COMMAND_RATE,
         max_keys: int = MAX_CLIENTS_TRACKED,
+        total_burst: float = ALL_COMMAND_BURST,
+        total_rate: float = ALL_COMMAND_RATE,
     ) -> None:
-        if not (burst >= 1 and rate > 0 and math.isfinite(burst) and math.isfinite(rate)):
-            raise ValueError(f"rate limiter: burst >= 1 and rate > 0, got {burst}, {rate}")
+        for b, r in ((burst, rate), (total_burst, total_rate)):
+            if not (b >= 1 and r > 0 and math.isfinite(b) and math.isfinite(r)):
+                raise ValueError(f"rate limiter: burst >= 1 and rate > 0, got {b}, {r}")
         if max_keys < 1:
             raise ValueError(f"rate limiter: max_keys must be positive, got {max_keys}")
         self.burst = float(burst)
         self.rate = float(rate)
+        self.total_burst = float(total_burst)
+        self.total_rate = float(total_rate)
         self.max_keys = max_keys
         self._buckets: dict[str, _Bucket] = {}  # insertion order = least recently used first
+        self._total = _Bucket(self.total_burst, -math.inf)
         self.refused = 0
 
     def _level(self, b: _Bucket, now: float) -> float:
         return min(self.burst, b.tokens + max(0.0, now - b.at) * self.rate)
 
-    def allow(self, now: float, key: str) -> bool:
+    def check(self, now: float, key: str) -> str | None:
+        """Take a token for ``key``: None if there was one, else which limit refused it
+        (``CLIENT`` or ``ALL``)."""
         b = self._buckets.pop(key, None)
         if b is None:
             self._make_room(now)
@@ -81,11 +98,20 @@ class RateLimiter:
         else:
             b.tokens, b.at = self._level(b, now), max(b.at, now)
         self._buckets[key] = b  # the most recently used now
-        if b.tokens >= 1.0:
+        t = self._total
+        if t.at != -math.inf:
+            t.tokens = min(self.total_burst, t.tokens + max(0.0, now - t.at) * self.total_rate)
+        t.at = max(t.at, now)
+        refused = CLIENT if b.tokens < 1.0 else ALL if t.tokens < 1.0 else None
+        if refused is None:
             b.tokens -= 1.0
-            return True
-        self.refused += 1
-        return False
+            t.tokens -= 1.0
+        else:
+            self.refused += 1
+        return refused
+
+    def allow(self, now: float, key: str) -> bool:
+        return self.check(now, key) is None
 
     def _make_room(self, now: float) -> None:
         if len(self._buckets) < self.max_keys:

@@ -27,7 +27,7 @@ from nsync_mqtt.discovery import device_config_payload, discovery_topic
 from nsync_mqtt.effects import Effects, Publish
 from nsync_mqtt.errors import CommandError, ProtocolError
 from nsync_mqtt.guard import decade
-from nsync_mqtt.limits import RateLimiter
+from nsync_mqtt.limits import ALL, RateLimiter
 from nsync_mqtt.messages import Message, check_id, reply_object, song_name
 from nsync_mqtt.playlist import (
     PLAYING,
@@ -432,7 +432,8 @@ class Master:
                 reply = make_reply(False, verb, None, f"bad command: {err}")
                 eff.out.append(Publish(self.sp.topics.reply(rt), reply))
             return eff
-        if not self.rate.allow(now, req.reply_to or ""):
+        over = self.rate.check(now, req.reply_to or "")
+        if over is not None:
             if decade(self.rate.refused):
                 log.warning(
                     "refused %d command(s) so far from clients over the rate limit (last: %s)",
@@ -440,14 +441,17 @@ class Master:
                     req.reply_to or "one without reply_to",
                 )
             r = self.rate
-            self.reply(
-                now,
-                eff,
-                req,
-                False,
-                f"too many commands from this client: at most {r.rate:g} a second after a "
-                f"burst of {r.burst:g}; slow down",
-            )
+            if over == ALL:
+                why = (
+                    f"too many commands from all clients together: at most {r.total_rate:g} "
+                    f"a second after a burst of {r.total_burst:g}; try again shortly"
+                )
+            else:
+                why = (
+                    f"too many commands from this client: at most {r.rate:g} a second after a "
+                    f"burst of {r.burst:g}; slow down"
+                )
+            self.reply(now, eff, req, False, why)
             return eff
         if verb not in VERBS:
             known = ", ".join(sorted(VERBS))

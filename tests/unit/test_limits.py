@@ -8,7 +8,7 @@ import json
 import pytest
 
 from nsync_mqtt.errors import CommandError, ProtocolError
-from nsync_mqtt.limits import PAYLOAD_LIMITS, RateLimiter, oversize
+from nsync_mqtt.limits import ALL, CLIENT, PAYLOAD_LIMITS, RateLimiter, oversize
 from nsync_mqtt.messages import MAX_WIRE_INT, decode
 from nsync_mqtt.playlist import MAX_SECONDS, _number, _position, parse_volume
 from nsync_mqtt.replication import MAX_CHUNK_SIZE
@@ -108,6 +108,20 @@ def test_a_flood_without_waiting_is_limited() -> None:
     rl = RateLimiter()
     allowed = sum(rl.allow(i * 1e-5, "flood") for i in range(10_000))  # 10,000 in 0.1 s
     assert allowed < 1100
+
+
+def test_a_client_naming_itself_anew_for_every_command_meets_the_cap_on_all_clients() -> None:
+    rl = RateLimiter(burst=5, rate=2.0, total_burst=20, total_rate=10.0)
+    got = [rl.check(0.0, f"rotating-{i}") for i in range(25)]
+    assert got == [None] * 20 + [ALL] * 5  # each name is new, but all of them share 20
+    assert rl.check(0.0, "ha") == ALL and rl.refused == 6
+    assert rl.check(0.1, "ha") is None  # one shared token back after 0.1 s at 10/s
+    assert rl.check(0.1, "ha") == ALL
+    # a client over its own rate takes nothing from the others
+    for _ in range(4):
+        assert rl.check(10.0, "ha") is None  # 1 token left of its 5 at 10 s, the rest shared
+    assert [rl.check(10.0, "ha") for _ in range(30)] == [None] + [CLIENT] * 29
+    assert [rl.check(10.0, f"p{i}") for i in range(16)] == [None] * 15 + [ALL]
 
 
 @pytest.mark.parametrize("value", ["\u00b2", "1" * 5000, "-3", "x"])
