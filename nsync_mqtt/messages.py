@@ -29,6 +29,12 @@ def is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_wire_int(value: object) -> TypeGuard[int]:
+    """An integer (not a boolean) that fits in 64 signed bits, as every integer NSync stores
+    or sends does: a larger one read back from a file or a message is refused."""
+    return is_int(value) and -MAX_WIRE_INT - 1 <= value <= MAX_WIRE_INT
+
+
 def reply_object(
     success: bool, command: str, params: Any, msg: str, client_req_id: Any = None, **extra: Any
 ) -> dict[str, Any]:

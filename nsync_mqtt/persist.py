@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from nsync_mqtt.errors import ProtocolError
-from nsync_mqtt.messages import check_hash, check_id, is_int
+from nsync_mqtt.messages import check_hash, check_id, is_wire_int
 from nsync_mqtt.playlist import Operation, PlayerState, apply_op, playlist_hash
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ COMPACT_BYTES = 1 << 20
 
 def _check_vote(d: dict[str, Any]) -> tuple[int, str | None]:
     term = d.get("term")
-    if not is_int(term) or term < 0:
+    if not is_wire_int(term) or term < 0:
         raise ProtocolError("term must be a non-negative integer")
     voted_for = d.get("voted_for")
     if voted_for is not None:
@@ -93,7 +93,9 @@ def _check_head(d: dict[str, Any]) -> tuple[int, str | None, tuple[int, int], fl
     """Term, vote, last operation and its time, checked."""
     term, voted_for = _check_vote(d)
     last = d.get("last_log")
-    if not isinstance(last, list) or len(last) != 2 or not all(is_int(x) and x >= 0 for x in last):
+    if not (isinstance(last, list) and len(last) == 2):
+        raise ProtocolError("last_log must be [term, index]")
+    if not all(is_wire_int(x) and x >= 0 for x in last):
         raise ProtocolError("last_log must be [term, index]")
     at = _check_at(d.get("last_log_at"))  # absent in files written before it was kept
     return term, voted_for, (last[0], last[1]), at

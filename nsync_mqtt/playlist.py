@@ -37,7 +37,7 @@ from typing import Any
 
 from nsync_mqtt.errors import CommandError, NSyncError, ProtocolError, SongMissing
 from nsync_mqtt.messages import check_hash
-from nsync_mqtt.messages import is_int as _is_int
+from nsync_mqtt.messages import is_wire_int as _is_int
 
 RATE = 44100
 PLAYING, PAUSED, IDLE = "playing", "paused", "idle"

@@ -460,7 +460,7 @@ class Watcher:
         for topic, payload in items:
             parts = topic.split("/")
             if len(parts) == 5 and parts[2] == "node" and parts[4] == "state" and payload:
-                with contextlib.suppress(ValueError):
+                with contextlib.suppress(ValueError, RecursionError):  # junk, deeply nested
                     out[parts[3]] = json.loads(payload)
         return out
 

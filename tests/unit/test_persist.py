@@ -83,6 +83,28 @@ def test_bad_documents_are_refused(doc: dict[str, object]) -> None:
         Durable.from_dict(json.loads(json.dumps(doc)))
 
 
+HUGE = 2**63  # one past the largest integer NSync stores
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"term": HUGE},
+        {"last_log": [HUGE, 1]},
+        {"last_log": [1, HUGE]},
+        {"state": {**REST, "index": HUGE}},
+        {"state": {**REST, "term": HUGE}},
+        {"state": {**REST, "playlist": [SONG], "playback": {**REST["playback"], "frame": HUGE}}},
+        {"state": {**REST, "playlist": [SONG], "playback": {**REST["playback"], "slot": HUGE}}},
+    ],
+)
+def test_integers_too_large_for_64_bits_are_refused_on_reload(change: dict[str, object]) -> None:
+    doc = {"format": 1, "term": 1, "voted_for": None, "state": REST, "last_log": [1, 1]}
+    Durable.from_dict(json.loads(json.dumps(doc)))  # as is, it loads
+    with pytest.raises(ProtocolError):
+        Durable.from_dict(json.loads(json.dumps({**doc, **change})))
+
+
 def test_a_file_from_before_the_time_was_kept_still_loads() -> None:
     doc = {"format": 1, "term": 2, "voted_for": "n1", "state": REST, "last_log": [2, 5]}
     d = Durable.from_dict(doc)
