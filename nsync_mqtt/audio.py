@@ -290,25 +290,16 @@ def _decode_to(src: Path, out: Any, limit: int | None) -> int:
     return _pydub_wav_to(src, out)
 
 
-def _read_exactly(stream: Any, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        more = stream.read(n - len(data))
-        if not more:
-            break
-        data += more
-    return data
-
-
 def _wav_stream_channels(stream: Any) -> int | None:
-    """Read a streamed WAV's header up to its ``data`` chunk; its channel count, or None if the
+    """Read a streamed WAV's header up to its ``data`` chunk from ``stream`` (a buffered pipe:
+    ``read(n)`` returns fewer than n bytes only at its end); its channel count, or None if the
     stream is not such a WAV (ffmpeg then says why on stderr)."""
-    head = _read_exactly(stream, 12)
+    head = stream.read(12)
     if sniff(head) != "wav":
         return None
     channels = None
     while True:
-        chunk = _read_exactly(stream, 8)
+        chunk = stream.read(8)
         if len(chunk) < 8:
             return None
         cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
@@ -316,7 +307,7 @@ def _wav_stream_channels(stream: Any) -> int | None:
             return channels
         if size > 1 << 20:  # a header chunk is small; this is no header
             return None
-        body = _read_exactly(stream, size + (size & 1))
+        body = stream.read(size + (size & 1))
         if cid == b"fmt " and len(body) >= 4:
             channels = struct.unpack_from("<H", body, 2)[0]
 
