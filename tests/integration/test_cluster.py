@@ -25,6 +25,7 @@ from nsync_mqtt import sinklog
 from nsync_mqtt.client import NSyncClient
 from nsync_mqtt.playlist import RATE
 from nsync_mqtt.replication import sha224_file
+from nsync_mqtt.tones import ffmpeg_available, make_tone_mp3
 
 pytestmark = pytest.mark.integration
 
@@ -148,6 +149,32 @@ def test_commands_play_in_sync(cluster: NodeCluster, client: NSyncClient, tmp_pa
     # nothing plays after the stop
     for blocks in logs(cluster).values():
         assert blocks[-1].t_ns < time.monotonic_ns()
+
+
+@pytest.mark.skipif(not ffmpeg_available(), reason="ffmpeg not installed")
+def test_an_mp3_is_decoded_by_every_node_and_plays_in_sync(
+    cluster: NodeCluster, client: NSyncClient, tmp_path: Path
+) -> None:
+    """The path most songs take: ffmpeg decoding streamed to each node's PCM cache."""
+    path = tmp_path / "Tone.mp3"
+    path.write_bytes(make_tone_mp3(2.0, 523.25, "Mp3 Tone", "Tester"))
+    song = ok(client.load_song(path))["params"]["song"]
+    ok(client.enqueue_song(song))
+    frames = {}
+    for node in cluster.specs:
+        cache = cluster.workdir / node / "pcm"
+        found = wait_for(lambda c=cache: list(c.glob(f"{song}.*.pcm")), 10, f"{node}'s PCM")
+        frames[node] = int(found[0].name.split(".")[1])
+    assert len(set(frames.values())) == 1, frames  # the same frames everywhere
+    assert abs(frames["n1"] - 2 * RATE) < 2048  # encoder padding
+    st = ok(client.status())["state"]
+    assert (st["title"], st["artist"]) == ("Mp3 Tone", "Tester")
+    ok(client.play())
+    time.sleep(1.0)
+    ok(client.stop())
+    time.sleep(0.3)  # the stop instant lies a lead time ahead
+    (played,) = assert_in_sync(cluster, song)
+    assert played[0] == 0 and played[1] > RATE // 2
 
 
 def test_song_end_advances_to_next(
