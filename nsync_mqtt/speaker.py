@@ -492,10 +492,12 @@ class Speaker:
         """Chunks of songs nobody finished (a load given up, junk from a peer) leave progress
         behind: forgotten after ``SONG_PROGRESS_KEEP_S`` unless the playlist needs the song, so
         the maps keyed by song stay bounded."""
-        wanted = set(self.state.playlist)
-        for song, at in list(self.song_progress.items()):
-            if song not in wanted and now - at > SONG_PROGRESS_KEEP_S:
-                del self.song_progress[song]
+        stale = [s for s, at in self.song_progress.items() if now - at > SONG_PROGRESS_KEEP_S]
+        if stale:  # (the playlist, thousands of songs long, is read only then)
+            wanted = set(self.state.playlist)
+            for song in stale:
+                if song not in wanted:
+                    del self.song_progress[song]
         for song in list(self._song_retry_s):
             if song not in self.song_progress:
                 del self._song_retry_s[song]
