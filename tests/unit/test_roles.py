@@ -315,6 +315,27 @@ def test_a_client_flooding_commands_is_told_to_slow_down_and_others_are_not(net:
     assert net.replies("flood")[-1]["success"]
 
 
+def test_a_flood_under_a_new_name_for_every_command_meets_the_cap_on_all_clients(
+    net: Net,
+) -> None:
+    from nsync_mqtt.limits import ALL_COMMAND_BURST
+
+    master = net.nodes["a"].master
+    assert master is not None
+    n = int(ALL_COMMAND_BURST)
+    for i in range(n + 2):
+        body = json.dumps({"reply_to": f"r{i}", "client_req_id": i}).encode()
+        net.run("a", master.command(net.now, "status", body))
+    assert all(net.replies(f"r{i}")[-1]["success"] for i in range(n))
+    for i in (n, n + 1):
+        (refused,) = net.replies(f"r{i}")
+        assert not refused["success"], refused
+        assert "too many commands from all clients together" in refused["msg"]
+    net.now += 0.01  # ten shared tokens back at 1,000 a second
+    net.run("a", command(net, "status", {"client_req_id": 1}))
+    assert net.replies("cli")[-1]["success"]
+
+
 def test_finished_reports_keep_only_the_current_slots_song(net: Net) -> None:
     master = net.nodes["a"].master
     assert master is not None
