@@ -23,6 +23,7 @@ that block (at most 50 ms later), and a late start begins at the frame its host 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -242,40 +243,53 @@ DECODE_BLOCK_BYTES = 1 << 20
 """Decoded audio is written to the cache this much at a time."""
 
 
-def _wav_as_is(src: Path) -> bool:
-    """Whether ``src`` is a plain PCM WAV already in the cache's layout (copied, not decoded)."""
-    try:
-        with wave.open(str(src), "rb") as w:
-            return (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (
-                CHANNELS,
-                SAMPLE_WIDTH,
-                RATE,
-            )
-    except (OSError, EOFError, wave.Error, struct.error, ValueError):
-        return False
-
-
 def _ffmpeg() -> str | None:
     return shutil.which("ffmpeg")
 
 
-def _over(written: int, limit: int | None) -> bool:
-    return limit is not None and written > limit
+def _pump(
+    read: Callable[[], bytes],
+    out: Any,
+    limit: int | None,
+    convert: Callable[[bytes], bytes] | None = None,
+) -> tuple[int, bool]:
+    """Copy the blocks ``read()`` returns (converted) to ``out`` until it returns none (then
+    True) or more than ``limit`` bytes were written (then False); with the bytes written."""
+    written = 0
+    while limit is None or written <= limit:
+        block = read()
+        if not block:
+            return written, True
+        if convert is not None:
+            block = convert(block)
+        out.write(block)
+        written += len(block)
+    return written, False
+
+
+def _copy_wav(src: Path, out: Any, limit: int | None) -> int | None:
+    """Copy a plain PCM WAV already in the cache's layout to ``out`` (the bytes written), or
+    None if ``src`` is not one."""
+    try:
+        w = wave.open(str(src), "rb")  # noqa: SIM115 (closed below; the open alone is guarded)
+    except (OSError, EOFError, wave.Error, struct.error, ValueError):
+        return None
+    with w:
+        if (w.getnchannels(), w.getsampwidth(), w.getframerate()) != (
+            CHANNELS,
+            SAMPLE_WIDTH,
+            RATE,
+        ):
+            return None
+        return _pump(lambda: w.readframes(DECODE_BLOCK_BYTES // FRAME_BYTES), out, limit)[0]
 
 
 def _decode_to(src: Path, out: Any, limit: int | None) -> int:
     """Write ``src`` as s16le stereo ``RATE`` PCM to the binary file ``out``, a block at a time;
     stop once more than ``limit`` bytes were written. Returns the bytes written."""
-    if _wav_as_is(src):
-        written = 0
-        with wave.open(str(src), "rb") as w:
-            while not _over(written, limit):
-                block = w.readframes(DECODE_BLOCK_BYTES // FRAME_BYTES)
-                if not block:
-                    break
-                out.write(block)
-                written += len(block)
-        return written
+    copied = _copy_wav(src, out, limit)
+    if copied is not None:
+        return copied
     ffmpeg = _ffmpeg()
     if ffmpeg is not None:
         kept = _ffmpeg_to(ffmpeg, src, out, limit, downmix=False)
@@ -313,7 +327,9 @@ def _wav_stream_channels(stream: Any) -> int | None:
 
 
 def _mono_to_stereo(samples: bytes) -> bytes:
-    """s16le mono samples (an even number of bytes) as stereo, each sample in both channels."""
+    """s16le mono samples as stereo, each sample in both channels (an odd byte at the end, which
+    only a broken stream has, is dropped)."""
+    samples = samples[: len(samples) // 2 * 2]
     out = bytearray(2 * len(samples))
     for i in range(2):
         out[i::4] = samples[i::2]
@@ -341,19 +357,10 @@ def _ffmpeg_to(ffmpeg: str, src: Path, out: Any, limit: int | None, downmix: boo
         ended = False  # ffmpeg closed its output: it is exiting and is waited for, not killed
         try:
             channels = _wav_stream_channels(stream)
-            odd = b""
-            while channels in (1, 2) and not _over(written, limit):
-                block = stream.read(DECODE_BLOCK_BYTES // 2)
-                if not block:
-                    ended = True
-                    break
-                if channels == 1:
-                    block, odd = odd + block, b""
-                    if len(block) % 2:
-                        block, odd = block[:-1], block[-1:]
-                    block = _mono_to_stereo(block)
-                out.write(block)
-                written += len(block)
+            if channels in (1, 2):  # (a buffered pipe's blocks hold whole samples)
+                convert = _mono_to_stereo if channels == 1 else None
+                read = functools.partial(stream.read, DECODE_BLOCK_BYTES // 2)
+                written, ended = _pump(read, out, limit, convert)
         finally:
             if not ended:  # refused, over the limit, or failed: no need to finish
                 proc.kill()
@@ -361,7 +368,7 @@ def _ffmpeg_to(ffmpeg: str, src: Path, out: Any, limit: int | None, downmix: boo
             code = proc.wait()
         if channels is not None and channels > 2 and not downmix:
             return None
-        if channels in (1, 2) and (code == 0 or _over(written, limit)):
+        if channels in (1, 2) and (code == 0 or not ended):  # whole, or over the limit
             return written
         size = errors.seek(0, os.SEEK_END)
         errors.seek(max(0, size - 4096))

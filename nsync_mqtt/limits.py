@@ -55,6 +55,13 @@ class _Bucket:
     tokens: float
     at: float  # when ``tokens`` was last brought up to date
 
+    def level(self, now: float, burst: float, rate: float) -> float:
+        """The tokens at ``now``: refilled at ``rate`` since ``at``, up to ``burst``."""
+        return min(burst, self.tokens + max(0.0, now - self.at) * rate)
+
+    def refill(self, now: float, burst: float, rate: float) -> None:
+        self.tokens, self.at = self.level(now, burst, rate), max(self.at, now)
+
 
 class RateLimiter:
     """Token buckets keyed by client: ``allow(now, key)`` takes one token from ``key``'s bucket
@@ -85,9 +92,6 @@ class RateLimiter:
         self._total = _Bucket(self.total_burst, -math.inf)
         self.refused = 0
 
-    def _level(self, b: _Bucket, now: float) -> float:
-        return min(self.burst, b.tokens + max(0.0, now - b.at) * self.rate)
-
     def check(self, now: float, key: str) -> str | None:
         """Take a token for ``key``: None if there was one, else which limit refused it
         (``CLIENT`` or ``ALL``)."""
@@ -96,12 +100,10 @@ class RateLimiter:
             self._make_room(now)
             b = _Bucket(self.burst, now)
         else:
-            b.tokens, b.at = self._level(b, now), max(b.at, now)
+            b.refill(now, self.burst, self.rate)
         self._buckets[key] = b  # the most recently used now
         t = self._total
-        if t.at != -math.inf:
-            t.tokens = min(self.total_burst, t.tokens + max(0.0, now - t.at) * self.total_rate)
-        t.at = max(t.at, now)
+        t.refill(now, self.total_burst, self.total_rate)
         refused = CLIENT if b.tokens < 1.0 else ALL if t.tokens < 1.0 else None
         if refused is None:
             b.tokens -= 1.0
@@ -116,7 +118,10 @@ class RateLimiter:
     def _make_room(self, now: float) -> None:
         if len(self._buckets) < self.max_keys:
             return
-        for k in [k for k, b in self._buckets.items() if self._level(b, now) >= self.burst]:
+        full = [
+            k for k, b in self._buckets.items() if b.level(now, self.burst, self.rate) >= self.burst
+        ]
+        for k in full:
             del self._buckets[k]  # full again: a new bucket would be the same
         while len(self._buckets) >= self.max_keys:
             del self._buckets[next(iter(self._buckets))]

@@ -93,9 +93,11 @@ def _check_head(d: dict[str, Any]) -> tuple[int, str | None, tuple[int, int], fl
     """Term, vote, last operation and its time, checked."""
     term, voted_for = _check_vote(d)
     last = d.get("last_log")
-    if not (isinstance(last, list) and len(last) == 2):
-        raise ProtocolError("last_log must be [term, index]")
-    if not all(is_wire_int(x) and x >= 0 for x in last):
+    if (
+        not isinstance(last, list)
+        or len(last) != 2
+        or not all(is_wire_int(x) and x >= 0 for x in last)
+    ):
         raise ProtocolError("last_log must be [term, index]")
     at = _check_at(d.get("last_log_at"))  # absent in files written before it was kept
     return term, voted_for, (last[0], last[1]), at

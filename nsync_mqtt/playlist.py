@@ -36,8 +36,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nsync_mqtt.errors import CommandError, NSyncError, ProtocolError, SongMissing
-from nsync_mqtt.messages import check_hash
-from nsync_mqtt.messages import is_wire_int as _is_int
+from nsync_mqtt.messages import check_hash, is_wire_int
 
 RATE = 44100
 PLAYING, PAUSED, IDLE = "playing", "paused", "idle"
@@ -136,7 +135,7 @@ class Playback:
         if state not in PLAYBACK_STATES:
             raise ProtocolError(f"playback.state must be one of {PLAYBACK_STATES}")
         slot, frame, at = d.get("slot"), d.get("frame"), d.get("at")
-        if not _is_int(slot) or slot < 0 or not _is_int(frame) or frame < 0:
+        if not is_wire_int(slot) or slot < 0 or not is_wire_int(frame) or frame < 0:
             raise ProtocolError("playback.slot and playback.frame must be non-negative integers")
         if at is not None and (
             isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at)
@@ -226,12 +225,12 @@ class PlayerState:
             raise ProtocolError("state.playlist must be a list")
         songs = tuple(check_hash(s, "playlist entry") for s in playlist)
         volume, index = d.get("volume"), d.get("index")
-        if not _is_int(volume) or not 0 <= volume <= 100:
+        if not is_wire_int(volume) or not 0 <= volume <= 100:
             raise ProtocolError("state.volume must be an integer 0-100")
-        if not _is_int(index) or index < 0:
+        if not is_wire_int(index) or index < 0:
             raise ProtocolError("state.index must be a non-negative integer")
         term = d.get("term", default_term)
-        if not _is_int(term) or term < 0:
+        if not is_wire_int(term) or term < 0:
             raise ProtocolError("state.term must be a non-negative integer")
         resume = Playback.from_dict(d["resume"]) if d.get("resume") is not None else None
         return cls(songs, Playback.from_dict(d.get("playback")), volume, index, term, resume)
@@ -288,7 +287,7 @@ def start_term(state: PlayerState, term: int) -> tuple[PlayerState, dict[str, An
     instants the new master has moved onto its own clock: every node then holds them on the
     clock of the master it follows (a node that kept an older master's instants would map them
     through its estimate of the new master's clock, hours off when the clocks are)."""
-    if not _is_int(term) or term <= state.term:
+    if not is_wire_int(term) or term <= state.term:
         raise ValueError(f"a new term must be above {state.term}, got {term!r}")
     new = replace(state, index=state.index + 1, term=term)
     op = _op(state, new, "term")
@@ -436,7 +435,7 @@ def _position(value: Any, what: str, n: int) -> int:
             value = int(value)
         except ValueError:  # "²" is a digit int() refuses; so are 5000 of them
             raise CommandError(f"{what} needs a playlist position, got {value[:20]!r}") from None
-    if not _is_int(value):
+    if not is_wire_int(value):
         raise CommandError(f"{what} needs a playlist position (0 is the first song), got {value!r}")
     if not 0 <= value < n:
         if n == 0:
@@ -636,9 +635,9 @@ class Operation:
         if kind not in OP_KINDS:
             raise ProtocolError(f"op.op must be one of {OP_KINDS}, got {str(kind)[:40]!r}")
         index, term, prev_term = op.get("index"), op.get("term"), op.get("prev_term")
-        if not _is_int(index) or index < 1:
+        if not is_wire_int(index) or index < 1:
             raise ProtocolError("op.index must be a positive integer")
-        if not _is_int(term) or not _is_int(prev_term) or not 0 <= prev_term <= term:
+        if not is_wire_int(term) or not is_wire_int(prev_term) or not 0 <= prev_term <= term:
             raise ProtocolError("op.term and op.prev_term must be integers, 0 <= prev_term <= term")
         pre = check_hash(op.get("pre"), "op.pre")
         post = check_hash(op.get("post"), "op.post")
@@ -653,7 +652,7 @@ class Operation:
             if edit in ("insert", "replace"):
                 song = check_hash(op.get("song"), "op.song")
             at, to = op.get("at", 0), op.get("to", 0)
-            if not _is_int(at) or not _is_int(to) or at < 0 or to < 0:
+            if not is_wire_int(at) or not is_wire_int(to) or at < 0 or to < 0:
                 raise ProtocolError("op.at and op.to must be non-negative integers")
         elif post != pre:
             raise ProtocolError(f"a {kind} operation must leave the playlist as it is")
@@ -661,7 +660,7 @@ class Operation:
             playback = Playback.from_dict(op.get("playback"))
         if kind == "volume":
             volume = op.get("volume")
-            if not _is_int(volume) or not 0 <= volume <= 100:
+            if not is_wire_int(volume) or not 0 <= volume <= 100:
                 raise ProtocolError("op.volume must be an integer 0-100")
         resume = Playback.from_dict(op["resume"]) if op.get("resume") is not None else None
         return cls(

@@ -22,6 +22,7 @@ from nsync_mqtt.messages import (
     check_hash,
     check_id,
     is_int,
+    is_wire_int,
     song_name,
 )
 from nsync_mqtt.playlist import Operation, PlayerState
@@ -65,7 +66,7 @@ def _last_log(body: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def _wire_int(x: object) -> bool:
-    return is_int(x) and 0 <= x <= MAX_WIRE_INT
+    return is_wire_int(x) and x >= 0
 
 
 def _songs(v: object, what: str) -> frozenset[str]:
